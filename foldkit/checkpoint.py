@@ -1,0 +1,186 @@
+"""Read a base model's safetensors checkpoint one tensor at a time (memory-mapped)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from foldkit.errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLED_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+# safetensors dtype codes, as written in a file header.
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor lives in a checkpoint, and its dtype and shape."""
+
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        count = 1
+        for size in self.shape:
+            count *= size
+        return count * torch.empty((), dtype=self.dtype).element_size()
+
+
+class Checkpoint:
+    """A model directory: its config.json and its safetensors files, opened memory-mapped."""
+
+    def __init__(self, path: Path, config: dict, files: list[str], tensors: dict[str, TensorInfo],
+                 file_metadata: dict[str, dict | None], sharded: bool):
+        self.path = path
+        self.config = config
+        self.files = files
+        self.tensors = tensors
+        self.file_metadata = file_metadata
+        self.sharded = sharded
+        self._handles: dict[str, object] = {}
+
+    def names_in(self, file: str) -> list[str]:
+        return [info.name for info in self.tensors.values() if info.file == file]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor. The result may share memory with the memory-mapped file: do not modify it."""
+        info = self.tensors[name]
+        handle = self._handles.get(info.file)
+        if handle is None:
+            handle = _open_safetensors(self.path / info.file)
+            self._handles[info.file] = handle
+        try:
+            return handle.get_tensor(name)
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"failed to read tensor {name} from {self.path / info.file}: {error}") from error
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def read_config(directory: Path) -> dict:
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"config.json not found in {directory}: BASE must be a Hugging Face model directory")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"invalid config.json in {directory}: {error}") from error
+    if not isinstance(config, dict):
+        raise CheckpointError(f"invalid config.json in {directory}: expected a JSON object")
+    return config
+
+
+def open_checkpoint(directory: str | Path) -> Checkpoint:
+    """Open a model directory and check its weight files before anything is written.
+
+    Raises CheckpointError for a missing directory, config or weights, a pickled-only checkpoint, a
+    corrupt or truncated safetensors file, or an index that disagrees with its shards.
+    """
+    path = Path(directory)
+    if not path.is_dir():
+        raise CheckpointError(f"base model directory not found: {path}")
+    config = read_config(path)
+
+    if (path / INDEX_FILE).is_file():
+        files, expected = _read_index(path)
+        sharded = True
+    elif (path / SINGLE_FILE).is_file():
+        files, expected = [SINGLE_FILE], None
+        sharded = False
+    elif any((path / name).is_file() for name in PICKLED_FILES):
+        raise CheckpointError(
+            f"{path} holds only a pickled checkpoint (pytorch_model.bin); foldkit reads safetensors. "
+            "Convert it first, for example with transformers: from_pretrained(...).save_pretrained(OUT)"
+        )
+    else:
+        raise CheckpointError(f"no weights found in {path}: expected {SINGLE_FILE} or {INDEX_FILE}")
+
+    tensors: dict[str, TensorInfo] = {}
+    file_metadata: dict[str, dict | None] = {}
+    for file in files:
+        handle = _open_safetensors(path / file)
+        file_metadata[file] = handle.metadata()
+        for name in handle.keys():
+            if name in tensors:
+                raise CheckpointError(
+                    f"tensor {name} is present in two shards ({tensors[name].file} and {file}) in {path}"
+                )
+            tensor_slice = handle.get_slice(name)
+            code = tensor_slice.get_dtype()
+            if code not in DTYPES:
+                raise CheckpointError(f"tensor {name} in {path / file} has unsupported dtype {code}")
+            tensors[name] = TensorInfo(name, file, DTYPES[code], tuple(tensor_slice.get_shape()))
+
+    if expected is not None:
+        _check_index_matches(path, expected, tensors)
+    logger.debug("opened %s: %d tensors in %d file(s)", path, len(tensors), len(files))
+    return Checkpoint(path, config, files, tensors, file_metadata, sharded)
+
+
+def _open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise CheckpointError(f"invalid or truncated safetensors file {file}: {error}") from error
+
+
+def _read_index(path: Path) -> tuple[list[str], dict[str, str]]:
+    try:
+        index = json.loads((path / INDEX_FILE).read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as error:
+        raise CheckpointError(f"invalid {INDEX_FILE} in {path}: {error}") from error
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"invalid {INDEX_FILE} in {path}: weight_map must be a non-empty object")
+
+    files = list(dict.fromkeys(weight_map.values()))
+    for file in files:
+        if not isinstance(file, str) or Path(file).name != file:
+            raise CheckpointError(f"invalid {INDEX_FILE} in {path}: shard name {file!r} is not a plain file name")
+    missing = [file for file in files if not (path / file).is_file()]
+    if missing:
+        raise CheckpointError(f"shards listed in {INDEX_FILE} but missing from {path}: {', '.join(missing)}")
+    return files, weight_map
+
+
+def _check_index_matches(path: Path, expected: dict[str, str], tensors: dict[str, TensorInfo]) -> None:
+    wrong = [name for name, file in expected.items() if name in tensors and tensors[name].file != file]
+    absent = [name for name in expected if name not in tensors]
+    unlisted = [name for name in tensors if name not in expected]
+    problems = []
+    if absent:
+        problems.append(f"listed but not found in their shard: {', '.join(absent[:5])}")
+    if wrong:
+        problems.append(f"found in another shard than listed: {', '.join(wrong[:5])}")
+    if unlisted:
+        problems.append(f"present in a shard but not listed: {', '.join(unlisted[:5])}")
+    if problems:
+        raise CheckpointError(f"{INDEX_FILE} in {path} disagrees with its shards: " + "; ".join(problems))

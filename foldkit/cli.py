@@ -1,0 +1,166 @@
+"""The `foldkit` command line. Only this module turns exceptions into messages and exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from foldkit import __version__
+from foldkit.errors import FoldkitError, VerificationError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # a known failure: bad input, unwritable output
+EXIT_USAGE = 2  # invalid command-line usage (typer's own code)
+EXIT_MISMATCH = 3  # the merged outputs did not match the reference within tolerance
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="foldkit",
+    help="Fold LoRA and IA3 adapters into plain model weights and prove the result is equivalent.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+logger = logging.getLogger("foldkit")
+
+
+class DType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+    bfloat16 = "bfloat16"
+
+
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result; no progress bars.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debug logs on stderr.")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
+Atol = Annotated[Optional[float], typer.Option(help="Absolute tolerance; default from the dtype's table entry.")]
+Rtol = Annotated[Optional[float], typer.Option(help="Tolerance relative to max|reference|; default from the table.")]
+AllowPickle = Annotated[bool, typer.Option(
+    "--allow-pickle", help="Load an adapter_model.bin pickle (weights only). Off: pickles are rejected.")]
+
+
+def _setup_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+    logger.handlers[:] = [handler]
+    logger.setLevel(level)
+    logger.propagate = False
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _fail(message: str, code: int) -> None:
+    typer.echo(f"Error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _run(action):
+    try:
+        return action()
+    except VerificationError as error:
+        _fail(str(error), EXIT_MISMATCH)
+    except FoldkitError as error:
+        _fail(str(error), EXIT_FAILURE)
+    except KeyboardInterrupt:
+        _fail("interrupted; no output was left behind", EXIT_INTERRUPTED)
+
+
+def _print_verification(result: dict) -> None:
+    status = "PASSED" if result["passed"] else "FAILED"
+    agreement = result["top1_agreement"]
+    typer.echo(f"verification: {status} ({result['compared']}, merged dtype {result['merged_dtype']})")
+    typer.echo(f"  max abs diff {result['max_abs_diff']:.3g}, max rel diff {result['max_rel_diff']:.3g} "
+               f"(tolerance atol {result['atol']:g} + rtol {result['rtol']:g} x {result['reference_max_abs']:.3g})")
+    if agreement is not None:
+        typer.echo(f"  greedy top-1 agreement {agreement:.2%}")
+    typer.echo(f"  adapter effect on outputs (max abs) {result['adapter_effect_max_abs']:.3g}")
+
+
+@app.command()
+def merge(
+    base: Annotated[Path, typer.Argument(help="Base model directory (config.json and safetensors weights).")],
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json and weights).")],
+    out: Annotated[Path, typer.Argument(help="Output directory; created atomically.")],
+    dtype: Annotated[Optional[DType], typer.Option(help="Store floating-point tensors in this dtype; default: the base's.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists and is not empty.")] = False,
+    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the merged model's outputs after writing.")] = True,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    allow_pickle: AllowPickle = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Fold ADAPTER into BASE and write a plain model to OUT, then verify it.
+
+    Example: foldkit merge ./SmolLM2-135M ./my-lora ./merged
+    """
+    _setup_logging(quiet, verbose)
+    from foldkit.merge import MergeOptions, merge as run_merge
+
+    options = MergeOptions(dtype=dtype.value if dtype else None, force=force, allow_pickle=allow_pickle,
+                           verify=verify, atol=atol, rtol=rtol, progress=not quiet and sys.stderr.isatty())
+    report = _run(lambda: run_merge(base, adapter, out, options))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        typer.echo(f"merged {len(report.folded)} {report.peft_type} modules into {out}")
+        if report.verification is not None:
+            _print_verification(report.verification)
+        else:
+            typer.echo("verification: skipped (--no-verify)")
+    if report.status == "FAILED":
+        typer.echo("Error: the merged model's outputs differ from the reference beyond tolerance; "
+                   f"the output is kept in {out} and its report says FAILED", err=True)
+        raise typer.Exit(EXIT_MISMATCH)
+
+
+@app.command()
+def verify(
+    base: Annotated[Path, typer.Argument(help="Base model directory.")],
+    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
+    merged: Annotated[Path, typer.Argument(help="Merged model directory to check.")],
+    atol: Atol = None,
+    rtol: Rtol = None,
+    allow_pickle: AllowPickle = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Check that MERGED computes what BASE with ADAPTER computes; exit 3 on a mismatch.
+
+    Example: foldkit verify ./SmolLM2-135M ./my-lora ./merged --json
+    """
+    _setup_logging(quiet, verbose)
+    from foldkit.verify_command import verify_merged
+
+    result = _run(lambda: verify_merged(base, adapter, merged, atol, rtol, allow_pickle))
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    else:
+        _print_verification(result.to_dict())
+    if not result.passed:
+        raise typer.Exit(EXIT_MISMATCH)
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        typer.echo(f"foldkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Fold LoRA and IA3 adapters into plain model weights and prove the result is equivalent."""

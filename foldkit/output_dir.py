@@ -1,0 +1,92 @@
+"""Create an output directory atomically: write into a temporary sibling, rename it into place at the end."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from foldkit.errors import OutputError
+
+logger = logging.getLogger(__name__)
+
+# Files copied from the base model directory: configs and tokenizer files, never weights.
+COPIED_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+)
+
+
+def check_output_path(out: Path, force: bool, inputs: list[Path]) -> None:
+    """Reject an OUT that exists and is not empty (unless force) or that overlaps an input directory."""
+    resolved = out.resolve()
+    for source in inputs:
+        source = source.resolve()
+        if resolved == source or source in resolved.parents or resolved in source.parents:
+            raise OutputError(f"output directory {out} overlaps input directory {source}; choose another OUT")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"output path {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise OutputError(f"output directory {out} exists and is not empty; pass --force to replace it")
+    if not out.parent.exists():
+        raise OutputError(f"parent directory of {out} does not exist: {out.parent}")
+
+
+@contextmanager
+def staged_directory(out: Path, force: bool) -> Iterator[Path]:
+    """Yield a temporary sibling of `out`; on success rename it to `out`, on any error delete it."""
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.foldkit-", dir=out.parent))
+    except OSError as error:
+        raise OutputError(f"cannot create a directory beside {out}: {error}") from error
+    # mkdtemp creates mode 0700; give the output the permissions a plain mkdir would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)
+    try:
+        yield staging
+        _replace(staging, out, force)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _replace(staging: Path, out: Path, force: bool) -> None:
+    if out.exists():
+        if not force and any(out.iterdir()):
+            raise OutputError(f"output directory {out} was created by someone else during the merge")
+        backup = out.with_name(f".{out.name}.foldkit-old")
+        shutil.rmtree(backup, ignore_errors=True)
+        os.rename(out, backup)
+        os.rename(staging, out)
+        shutil.rmtree(backup, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+    logger.debug("renamed %s to %s", staging, out)
+
+
+def copy_side_files(base: Path, staging: Path) -> list[str]:
+    """Copy config-adjacent files (tokenizer, generation config) from the base; return their names."""
+    copied = []
+    for name in COPIED_FILES:
+        source = base / name
+        if source.is_file():
+            shutil.copyfile(source, staging / name)
+            copied.append(name)
+    return copied

@@ -1,0 +1,147 @@
+"""Check that a merged model computes what the base model with the adapter in activation form computes."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from foldkit.errors import CheckpointError
+from foldkit.model_info import resolve_model_class
+from foldkit.modules import inject_adapters
+from foldkit.plan import FoldPlan
+from foldkit.tolerances import tolerance_for
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "Adapters can be folded into the weights of a linear layer once, before deployment.",
+)
+PROBE_SEED = 1234
+PROBE_SHAPE = (2, 16)
+
+
+@dataclass
+class VerificationResult:
+    """Figures of one equivalence check, as written to the report."""
+
+    compared: str  # "logits" or "last_hidden_state"
+    merged_dtype: str
+    atol: float
+    rtol: float
+    tolerance_reason: str
+    max_abs_diff: float
+    max_rel_diff: float  # max_abs_diff / max|reference|
+    reference_max_abs: float
+    adapter_effect_max_abs: float  # max|reference - base|: how much the adapter changes the outputs
+    top1_agreement: float | None  # share of positions whose greedy token matches; None for encoders
+    probes: list[str] = field(default_factory=list)
+    passed: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_model(directory: Path, config: dict) -> nn.Module:
+    """Load a model with its own transformers class, in float32, and check every weight was found."""
+    _, model_class = resolve_model_class(config, directory)
+    try:
+        model, info = model_class.from_pretrained(str(directory), dtype=torch.float32, output_loading_info=True)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"transformers failed to load {directory}: {error}") from error
+    problems = {key: value for key, value in info.items() if value and key in ("missing_keys", "unexpected_keys",
+                                                                                  "mismatched_keys")}
+    if problems:
+        raise CheckpointError(f"transformers loaded {directory} with problems: {problems}")
+    return model.eval()
+
+
+def make_probes(directory: Path, vocab_size: int) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """Fixed token ids from a seeded generator, plus tokenized text when the directory has a tokenizer."""
+    generator = torch.Generator().manual_seed(PROBE_SEED)
+    input_ids = torch.randint(0, vocab_size, PROBE_SHAPE, generator=generator)
+    probes = [(f"random token ids {tuple(PROBE_SHAPE)}, seed {PROBE_SEED}",
+               {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})]
+    tokenizer = _load_tokenizer(directory)
+    if tokenizer is not None:
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is not None:
+            encoded = tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True)
+            probes.append((f"{len(PROBE_TEXTS)} tokenized texts", dict(encoded)))
+    return probes
+
+
+def _load_tokenizer(directory: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as error:  # a directory without tokenizer files raises several types
+        logger.debug("no tokenizer in %s (%s): probing with token ids only", directory, error)
+        return None
+
+
+@torch.no_grad()
+def _run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[str, torch.Tensor]:
+    output = model(**inputs)
+    if getattr(output, "logits", None) is not None:
+        return "logits", output.logits.float()
+    return "last_hidden_state", output.last_hidden_state.float()
+
+
+def verify_merge(base_dir: Path, base_config: dict, plan: FoldPlan, merged_dir: Path, merged_dtype: torch.dtype,
+                 atol: float | None = None, rtol: float | None = None) -> VerificationResult:
+    """Compare the merged model with the base plus the adapter in activation form, on fixed probes."""
+    tolerance = tolerance_for(merged_dtype, atol, rtol)
+    reference = load_model(base_dir, base_config)
+    vocab_size = reference.get_input_embeddings().num_embeddings
+    probes = make_probes(base_dir, vocab_size)
+
+    base_outputs = [_run(reference, inputs)[1] for _, inputs in probes]
+    inject_adapters(reference, {task.model_module: task.adapter for task in plan.tasks}, form="activation")
+    reference_outputs = [_run(reference, inputs) for _, inputs in probes]
+    del reference
+
+    merged = load_model(merged_dir, base_config)
+    merged_outputs = [_run(merged, inputs)[1] for _, inputs in probes]
+    del merged
+
+    max_abs = reference_max = effect = 0.0
+    agree = total = 0
+    compared = reference_outputs[0][0]
+    for (_, inputs), base_out, (_, ref_out), merged_out in zip(probes, base_outputs, reference_outputs,
+                                                                merged_outputs):
+        mask = inputs["attention_mask"].bool()
+        ref_out, merged_out, base_out = ref_out[mask], merged_out[mask], base_out[mask]
+        max_abs = max(max_abs, (merged_out - ref_out).abs().max().item())
+        reference_max = max(reference_max, ref_out.abs().max().item())
+        effect = max(effect, (ref_out - base_out).abs().max().item())
+        if compared == "logits":
+            agree += (merged_out.argmax(-1) == ref_out.argmax(-1)).sum().item()
+            total += ref_out.shape[0]
+
+    passed = max_abs <= tolerance.atol + tolerance.rtol * reference_max
+    result = VerificationResult(
+        compared=compared,
+        merged_dtype=str(merged_dtype).removeprefix("torch."),
+        atol=tolerance.atol,
+        rtol=tolerance.rtol,
+        tolerance_reason=tolerance.reason,
+        max_abs_diff=max_abs,
+        max_rel_diff=max_abs / reference_max if reference_max else 0.0,
+        reference_max_abs=reference_max,
+        adapter_effect_max_abs=effect,
+        top1_agreement=agree / total if total else None,
+        probes=[description for description, _ in probes],
+        passed=passed,
+    )
+    if effect == 0.0:
+        logger.warning("the adapter does not change the outputs on the probes: it may be an identity adapter")
+    logger.info("verification %s: max abs diff %.3g, max rel diff %.3g", "passed" if passed else "FAILED",
+                result.max_abs_diff, result.max_rel_diff)
+    return result
