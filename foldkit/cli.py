@@ -30,6 +30,14 @@ app = typer.Typer(
 logger = logging.getLogger("foldkit")
 
 
+class CheckMode(str, Enum):
+    auto = "auto"
+    modules = "modules"
+    logits = "logits"
+    all = "all"
+    none = "none"
+
+
 class DType(str, Enum):
     float32 = "float32"
     float16 = "float16"
@@ -41,6 +49,9 @@ Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debug logs
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
 Atol = Annotated[Optional[float], typer.Option(help="Absolute tolerance; default from the dtype's table entry.")]
 Rtol = Annotated[Optional[float], typer.Option(help="Tolerance relative to max|reference|; default from the table.")]
+Checks = Annotated[CheckMode, typer.Option(
+    "--verify", help="Checks to run: modules (every folded weight, streaming), logits (whole model, in memory), "
+    "all, none, or auto (modules, plus logits when a float32 copy of the model fits in memory).")]
 AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Load an adapter_model.bin pickle (weights only). Off: pickles are rejected.")]
 
@@ -74,15 +85,25 @@ def _run(action):
         _fail("interrupted; no output was left behind", EXIT_INTERRUPTED)
 
 
-def _print_verification(result: dict) -> None:
-    status = "PASSED" if result["passed"] else "FAILED"
-    agreement = result["top1_agreement"]
-    typer.echo(f"verification: {status} ({result['compared']}, merged dtype {result['merged_dtype']})")
-    typer.echo(f"  max abs diff {result['max_abs_diff']:.3g}, max rel diff {result['max_rel_diff']:.3g} "
-               f"(tolerance atol {result['atol']:g} + rtol {result['rtol']:g} x {result['reference_max_abs']:.3g})")
-    if agreement is not None:
-        typer.echo(f"  greedy top-1 agreement {agreement:.2%}")
-    typer.echo(f"  adapter effect on outputs (max abs) {result['adapter_effect_max_abs']:.3g}")
+def _print_verification(verification: dict) -> None:
+    typer.echo(f"verification: {verification['status']}")
+    modules = verification["modules"]
+    if modules is not None:
+        typer.echo(f"  modules: {'passed' if modules['passed'] else 'FAILED'}, {modules['modules_checked']} checked, "
+                   f"worst {modules['worst_module']} at {modules['worst_bound_ratio']:.3g} of its rounding bound")
+        if modules["failed_modules"]:
+            typer.echo(f"  modules beyond their bound: {', '.join(modules['failed_modules'][:10])}")
+    logits = verification["logits"]
+    if logits is not None:
+        typer.echo(f"  {logits['compared']}: {'passed' if logits['passed'] else 'FAILED'}, "
+                   f"max abs diff {logits['max_abs_diff']:.3g}, max rel diff {logits['max_rel_diff']:.3g} "
+                   f"(tolerance atol {logits['atol']:g} + rtol {logits['rtol']:g} x {logits['reference_max_abs']:.3g}, "
+                   f"merged dtype {logits['merged_dtype']})")
+        if logits["top1_agreement"] is not None:
+            typer.echo(f"  greedy top-1 agreement {logits['top1_agreement']:.2%}")
+        typer.echo(f"  adapter effect on outputs (max abs) {logits['adapter_effect_max_abs']:.3g}")
+    for note in verification["notes"]:
+        typer.echo(f"  {note}")
 
 
 @app.command()
@@ -92,7 +113,8 @@ def merge(
     out: Annotated[Path, typer.Argument(help="Output directory; created atomically.")],
     dtype: Annotated[Optional[DType], typer.Option(help="Store floating-point tensors in this dtype; default: the base's.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists and is not empty.")] = False,
-    verify: Annotated[bool, typer.Option("--verify/--no-verify", help="Check the merged model's outputs after writing.")] = True,
+    checks: Checks = CheckMode.auto,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip all checks (same as --verify none).")] = False,
     atol: Atol = None,
     rtol: Rtol = None,
     allow_pickle: AllowPickle = False,
@@ -108,16 +130,13 @@ def merge(
     from foldkit.merge import MergeOptions, merge as run_merge
 
     options = MergeOptions(dtype=dtype.value if dtype else None, force=force, allow_pickle=allow_pickle,
-                           verify=verify, atol=atol, rtol=rtol, progress=not quiet and sys.stderr.isatty())
+                           verify="none" if no_verify else checks.value, atol=atol, rtol=rtol, progress=not quiet and sys.stderr.isatty())
     report = _run(lambda: run_merge(base, adapter, out, options))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     else:
         typer.echo(f"merged {len(report.folded)} {report.peft_type} modules into {out}")
-        if report.verification is not None:
-            _print_verification(report.verification)
-        else:
-            typer.echo("verification: skipped (--no-verify)")
+        _print_verification(report.verification)
     if report.status == "FAILED":
         typer.echo("Error: the merged model's outputs differ from the reference beyond tolerance; "
                    f"the output is kept in {out} and its report says FAILED", err=True)
@@ -129,6 +148,7 @@ def verify(
     base: Annotated[Path, typer.Argument(help="Base model directory.")],
     adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
     merged: Annotated[Path, typer.Argument(help="Merged model directory to check.")],
+    checks: Checks = CheckMode.auto,
     atol: Atol = None,
     rtol: Rtol = None,
     allow_pickle: AllowPickle = False,
@@ -141,15 +161,17 @@ def verify(
     Example: foldkit verify ./SmolLM2-135M ./my-lora ./merged --json
     """
     _setup_logging(quiet, verbose)
+    if checks is CheckMode.none:
+        _fail("--verify none leaves nothing to check; choose auto, modules, logits or all", EXIT_USAGE)
     from foldkit.verify_command import verify_merged
 
-    result = _run(lambda: verify_merged(base, adapter, merged, atol, rtol, allow_pickle))
+    result = _run(lambda: verify_merged(base, adapter, merged, checks.value, atol, rtol, allow_pickle))
     if as_json:
         typer.echo(json.dumps(result.to_dict(), indent=2))
     else:
         _print_verification(result.to_dict())
     if not result.passed:
-        raise typer.Exit(EXIT_MISMATCH)
+        _fail(f"{merged} does not compute what {base} with {adapter} computes, beyond tolerance", EXIT_MISMATCH)
 
 
 def _version_callback(value: bool) -> None:

@@ -20,8 +20,7 @@ from foldkit.output_dir import check_output_path, copy_side_files, staged_direct
 from foldkit.plan import FoldPlan, FoldTask, plan_fold
 from foldkit.report import FoldedModule, MergeReport
 from foldkit.safetensors_writer import SafetensorsWriter
-from foldkit.tolerances import least_precise
-from foldkit.verify import verify_merge
+from foldkit.verification import CHECK_MODES, run_verification
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +32,14 @@ class MergeOptions:
     dtype: str | None = None  # a key of OUTPUT_DTYPES; None keeps the base's dtypes
     force: bool = False
     allow_pickle: bool = False
-    verify: bool = True
+    verify: str = "auto"  # one of CHECK_MODES
     atol: float | None = None
     rtol: float | None = None
     progress: bool = True
+
+    def __post_init__(self):
+        if isinstance(self.verify, bool):
+            self.verify = "auto" if self.verify else "none"
 
 
 def prepare(base: Path, adapter_dir: Path, allow_pickle: bool) -> tuple[Checkpoint, Adapter, FoldPlan]:
@@ -58,6 +61,8 @@ def merge(base: str | Path, adapter_dir: str | Path, out: str | Path, options: M
     base, adapter_dir, out = Path(base), Path(adapter_dir), Path(out)
     if options.dtype is not None and options.dtype not in OUTPUT_DTYPES:
         raise OutputError(f"invalid dtype {options.dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
+    if options.verify not in CHECK_MODES:
+        raise OutputError(f"invalid verify mode {options.verify!r}; choose one of {', '.join(CHECK_MODES)}")
     output_dtype = OUTPUT_DTYPES.get(options.dtype) if options.dtype else None
     check_output_path(out, options.force, [base, adapter_dir])
 
@@ -71,16 +76,12 @@ def merge(base: str | Path, adapter_dir: str | Path, out: str | Path, options: M
         write_tensors(checkpoint, plan, layout, staging, report, options.progress)
         write_config(checkpoint, plan, output_dtype, staging)
         copy_side_files(checkpoint.path, staging)
-        checkpoint.close()
 
-        if options.verify:
-            logger.info("verifying the merged model against the adapter in activation form")
-            merged_dtype = _folded_dtype(layout, plan)
-            result = verify_merge(checkpoint.path, checkpoint.config, plan, staging, merged_dtype,
-                                  options.atol, options.rtol)
-            report.verification = result.to_dict()
-            report.status = "PASSED" if result.passed else "FAILED"
+        verification = run_verification(checkpoint, plan, staging, options.verify, options.atol, options.rtol)
+        report.verification = verification.to_dict()
+        report.status = verification.status
         report.write(staging)
+    checkpoint.close()
     logger.info("wrote %s", out)
     return report
 
@@ -113,12 +114,6 @@ def output_layout(checkpoint: Checkpoint, plan: FoldPlan, output_dtype: torch.dt
 def _retyped(info: TensorInfo, name: str, output_dtype: torch.dtype | None) -> TensorInfo:
     dtype = output_dtype if output_dtype is not None and info.dtype.is_floating_point else info.dtype
     return TensorInfo(name, info.file, dtype, info.shape)
-
-
-def _folded_dtype(layout: dict[str, list[TensorInfo]], plan: FoldPlan) -> torch.dtype:
-    """The least precise dtype among the folded weights, which sets the verification tolerance."""
-    targets = {task.target_weight for task in plan.tasks}
-    return least_precise(info.dtype for entries in layout.values() for info in entries if info.name in targets)
 
 
 def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: dict[str, list[TensorInfo]], staging: Path,

@@ -22,8 +22,10 @@ class Tolerance:
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(1e-8, 1e-8, "no rounding; only summation order differs"),
     torch.float32: Tolerance(1e-4, 1e-4, "float32 summation order differs between the folded and activation forms"),
-    torch.float16: Tolerance(1e-3, 1e-2, "each folded weight is rounded to float16 (11-bit mantissa) once"),
-    torch.bfloat16: Tolerance(1e-2, 5e-2, "each folded weight is rounded to bfloat16 (8-bit mantissa) once"),
+    # Rounding every folded weight once compounds through the layers. Measured with random non-identity
+    # adapters on all 210 linear layers of SmolLM2-135M: bfloat16 logits differ by up to 6% of max|logit|.
+    torch.float16: Tolerance(1e-3, 2e-2, "each folded weight is rounded to float16 (11-bit significand) once"),
+    torch.bfloat16: Tolerance(1e-2, 1e-1, "each folded weight is rounded to bfloat16 (8-bit significand) once"),
 }
 
 

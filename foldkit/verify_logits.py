@@ -94,7 +94,7 @@ def _run(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[str, torch.
     return "last_hidden_state", output.last_hidden_state.float()
 
 
-def verify_merge(base_dir: Path, base_config: dict, plan: FoldPlan, merged_dir: Path, merged_dtype: torch.dtype,
+def verify_logits(base_dir: Path, base_config: dict, plan: FoldPlan, merged_dir: Path, merged_dtype: torch.dtype,
                  atol: float | None = None, rtol: float | None = None) -> VerificationResult:
     """Compare the merged model with the base plus the adapter in activation form, on fixed probes."""
     tolerance = tolerance_for(merged_dtype, atol, rtol)
