@@ -61,6 +61,7 @@ def load_adapter(directory: str | Path, allow_pickle: bool = False) -> Adapter:
             f"unsupported peft_type {config.get('peft_type')!r} in {path / CONFIG_FILE}; "
             f"foldkit folds: {', '.join(SUPPORTED_PEFT_TYPES)}"
         )
+    _check_option_types(path, config)
     _reject_unfoldable_options(path, peft_type, config)
 
     state = _read_tensors(path, allow_pickle)
@@ -86,6 +87,29 @@ def _read_config(path: Path) -> dict:
     if not isinstance(config, dict):
         raise AdapterError(f"invalid {CONFIG_FILE} in {path}: expected a JSON object")
     return config
+
+
+def _check_option_types(path: Path, config: dict) -> None:
+    """Raise for options whose JSON type foldkit cannot use, before any arithmetic on them."""
+    where = path / CONFIG_FILE
+
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    for option in ("r", "lora_alpha"):
+        if option in config and not is_number(config[option]):
+            raise AdapterError(f"invalid {option} {config[option]!r} in {where}: expected a number")
+    for option in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(option)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict) or not all(is_number(value) for value in patterns.values()):
+            raise AdapterError(f"invalid {option} in {where}: expected an object mapping module patterns to numbers")
+    for option in ("target_modules", "feedforward_modules"):
+        value = config.get(option)
+        if value is not None and not isinstance(value, str) and not (
+                isinstance(value, list) and all(isinstance(entry, str) for entry in value)):
+            raise AdapterError(f"invalid {option} in {where}: expected a string or a list of strings")
 
 
 def _reject_unfoldable_options(path: Path, peft_type: str, config: dict) -> None:
@@ -135,11 +159,21 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(str(pickle_path), map_location="cpu", weights_only=True)
         except Exception as error:  # torch.load raises many types for corrupt or hostile pickles
-            raise AdapterError(f"failed to load {pickle_path} with weights_only=True: {error}") from error
+            raise AdapterError(
+                f"failed to load {pickle_path} with weights_only=True (it holds more than tensors, or is corrupt): "
+                f"{_last_line(error)}"
+            ) from error
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise AdapterError(f"{pickle_path} does not contain a dict of tensors")
         return state
     raise AdapterError(f"no adapter weights in {path}: expected {SAFETENSORS_FILE} (or {PICKLE_FILE})")
+
+
+def _last_line(error: Exception) -> str:
+    """The last non-empty line of an exception message; torch.load puts the cause there."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    cause = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
+    return (cause or lines or [type(error).__name__])[0]
 
 
 def _check_finite(path: Path, state: dict[str, torch.Tensor]) -> None:

@@ -85,10 +85,10 @@ class Checkpoint:
         self._handles.clear()
 
 
-def read_config(directory: Path) -> dict:
+def read_config(directory: Path, role: str = "base model") -> dict:
     config_path = directory / "config.json"
     if not config_path.is_file():
-        raise CheckpointError(f"config.json not found in {directory}: BASE must be a Hugging Face model directory")
+        raise CheckpointError(f"config.json not found in {directory}: the {role} must be a Hugging Face model directory")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
@@ -98,16 +98,17 @@ def read_config(directory: Path) -> dict:
     return config
 
 
-def open_checkpoint(directory: str | Path) -> Checkpoint:
+def open_checkpoint(directory: str | Path, role: str = "base model") -> Checkpoint:
     """Open a model directory and check its weight files before anything is written.
 
+    `role` names the directory in error messages ("base model", "merged model").
     Raises CheckpointError for a missing directory, config or weights, a pickled-only checkpoint, a
     corrupt or truncated safetensors file, or an index that disagrees with its shards.
     """
     path = Path(directory)
     if not path.is_dir():
-        raise CheckpointError(f"base model directory not found: {path}")
-    config = read_config(path)
+        raise CheckpointError(f"{role} directory not found: {path}")
+    config = read_config(path, role)
 
     if (path / INDEX_FILE).is_file():
         files, expected = _read_index(path)

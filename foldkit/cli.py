@@ -26,6 +26,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click output: usage errors end in one "Error: ..." line instead of a box.
+    rich_markup_mode=None,
 )
 logger = logging.getLogger("foldkit")
 
@@ -70,7 +72,8 @@ def _setup_logging(quiet: bool, verbose: bool) -> None:
 
 
 def _fail(message: str, code: int) -> None:
-    typer.echo(f"Error: {message}", err=True)
+    one_line = " ".join(message.split())
+    typer.echo(f"Error: {one_line}", err=True)
     raise typer.Exit(code)
 
 
@@ -97,7 +100,8 @@ def _print_verification(verification: dict) -> None:
     if logits is not None:
         typer.echo(f"  {logits['compared']}: {'passed' if logits['passed'] else 'FAILED'}, "
                    f"max abs diff {logits['max_abs_diff']:.3g}, max rel diff {logits['max_rel_diff']:.3g} "
-                   f"(tolerance atol {logits['atol']:g} + rtol {logits['rtol']:g} x {logits['reference_max_abs']:.3g}, "
+                   f"(allowed {logits['allowed_abs_diff']:.3g}: atol {logits['atol']:g} + rtol {logits['rtol']:g} x "
+                   f"{logits['reference_max_abs']:.3g} + 4 x rounding sensitivity {logits['rounding_sensitivity']:.3g}, "
                    f"merged dtype {logits['merged_dtype']})")
         if logits["top1_agreement"] is not None:
             typer.echo(f"  greedy top-1 agreement {logits['top1_agreement']:.2%}")

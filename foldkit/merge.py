@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,7 +59,7 @@ def merge(base: str | Path, adapter_dir: str | Path, out: str | Path, options: M
     FAILED, so the caller decides (the CLI exits with the mismatch code).
     """
     options = options or MergeOptions()
-    base, adapter_dir, out = Path(base), Path(adapter_dir), Path(out)
+    base, adapter_dir, out = Path(base), Path(adapter_dir), Path(os.path.abspath(out))
     if options.dtype is not None and options.dtype not in OUTPUT_DTYPES:
         raise OutputError(f"invalid dtype {options.dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
     if options.verify not in CHECK_MODES:
@@ -135,8 +136,6 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: dict[str, list
                 writer.abort()
                 raise
             writer.close()
-    except OSError as error:
-        raise OutputError(f"failed to write the merged model into {staging}: {error}") from error
     finally:
         bar.close()
 

@@ -43,6 +43,9 @@ class IA3Activation(AdapterLayer):
         self.feedforward = feedforward
         self.ia3_l = nn.Parameter(ia3_l.detach().clone().reshape(-1))
 
+    def as_module_adapter(self) -> ModuleAdapter:
+        return ModuleAdapter("", "ia3", {"ia3_l": self.ia3_l.detach()}, feedforward=self.feedforward)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.feedforward:
             return self.base_layer(x * self.ia3_l.to(x.dtype))
@@ -69,6 +72,12 @@ class LoRAActivation(AdapterLayer):
         self.lora_A = nn.Parameter(lora_A.detach().clone())
         self.lora_B = nn.Parameter(lora_B.detach().clone())
         self.lora_B_bias = None if lora_B_bias is None else nn.Parameter(lora_B_bias.detach().clone())
+
+    def as_module_adapter(self) -> ModuleAdapter:
+        tensors = {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+        if self.lora_B_bias is not None:
+            tensors["lora_B_bias"] = self.lora_B_bias.detach()
+        return ModuleAdapter("", "lora", tensors, scaling=self.scaling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)

@@ -36,6 +36,8 @@ COPIED_FILES = (
 def check_output_path(out: Path, force: bool, inputs: list[Path]) -> None:
     """Reject an OUT that exists and is not empty (unless force) or that overlaps an input directory."""
     resolved = out.resolve()
+    if resolved == Path.cwd().resolve() or resolved in Path.cwd().resolve().parents:
+        raise OutputError(f"output directory {out} is the current directory or contains it; choose a new directory")
     for source in inputs:
         source = source.resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
@@ -62,6 +64,9 @@ def staged_directory(out: Path, force: bool) -> Iterator[Path]:
     try:
         yield staging
         _replace(staging, out, force)
+    except OSError as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise OutputError(f"failed to write output directory {out}: {error}; nothing was written") from error
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

@@ -2,7 +2,11 @@
 
 Both models run in float32 during verification, so the only expected differences come from float32
 summation order and from rounding the folded weights to the stored dtype once. A check passes when
-max|merged - reference| <= atol + rtol * max|reference| over all compared outputs.
+max|merged - reference| <= atol + rtol * max|reference| + NOISE_FACTOR * rounding_sensitivity over
+all compared outputs. rounding_sensitivity is measured on the model itself: how far the reference
+moves when each folded weight gets random noise the size of one rounding to the stored dtype. Deep
+models with strong adapters amplify rounding (measured: random non-identity IA3 on SmolLM2-135M moves
+bfloat16 logits by 18% of max|logit|), so no fixed rtol fits every model.
 """
 
 from __future__ import annotations
@@ -10,6 +14,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+
+# How many times the measured rounding sensitivity a merged model may differ from the reference. Real
+# rounding errors and the simulated noise have the same size; the factor covers their random spread.
+NOISE_FACTOR = 4.0
 
 
 @dataclass(frozen=True)
@@ -22,10 +31,8 @@ class Tolerance:
 TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float64: Tolerance(1e-8, 1e-8, "no rounding; only summation order differs"),
     torch.float32: Tolerance(1e-4, 1e-4, "float32 summation order differs between the folded and activation forms"),
-    # Rounding every folded weight once compounds through the layers. Measured with random non-identity
-    # adapters on all 210 linear layers of SmolLM2-135M: bfloat16 logits differ by up to 6% of max|logit|.
-    torch.float16: Tolerance(1e-3, 2e-2, "each folded weight is rounded to float16 (11-bit significand) once"),
-    torch.bfloat16: Tolerance(1e-2, 1e-1, "each folded weight is rounded to bfloat16 (8-bit significand) once"),
+    torch.float16: Tolerance(1e-3, 1e-3, "each folded weight is rounded to float16 once; see rounding_sensitivity"),
+    torch.bfloat16: Tolerance(1e-2, 1e-2, "each folded weight is rounded to bfloat16 once; see rounding_sensitivity"),
 }
 
 

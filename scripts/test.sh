@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# Install foldkit into .venv and run the whole test suite (about N minutes on 2 CPU cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/install.sh
+.venv/bin/python -m pytest -q "$@"
