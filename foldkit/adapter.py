@@ -160,7 +160,7 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
             state = torch.load(str(pickle_path), map_location="cpu", weights_only=True)
         except Exception as error:  # torch.load raises many types for corrupt or hostile pickles
             raise AdapterError(
-                f"failed to load {pickle_path} with weights_only=True (it holds more than tensors, or is corrupt): "
+                f"failed to load {pickle_path} with weights_only=True (it contains objects other than tensors, or is corrupt): "
                 f"{_last_line(error)}"
             ) from error
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -170,7 +170,7 @@ def _read_tensors(path: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
 
 
 def _last_line(error: Exception) -> str:
-    """The last non-empty line of an exception message; torch.load puts the cause there."""
+    """Return the line of an exception message that names the cause (torch.load prints several lines)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     cause = [line for line in lines if "GLOBAL" in line or "Unsupported" in line]
     return (cause or lines or [type(error).__name__])[0]

@@ -38,7 +38,7 @@ DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where a tensor lives in a checkpoint, and its dtype and shape."""
+    """Location, dtype and shape of one tensor in a checkpoint."""
 
     name: str
     file: str
@@ -118,7 +118,7 @@ def open_checkpoint(directory: str | Path, role: str = "base model") -> Checkpoi
         sharded = False
     elif any((path / name).is_file() for name in PICKLED_FILES):
         raise CheckpointError(
-            f"{path} holds only a pickled checkpoint (pytorch_model.bin); foldkit reads safetensors. "
+            f"{path} contains only a pickled checkpoint (pytorch_model.bin), but foldkit reads only safetensors. "
             "Convert it first, for example with transformers: from_pretrained(...).save_pretrained(OUT)"
         )
     else:

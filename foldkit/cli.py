@@ -59,7 +59,11 @@ AllowPickle = Annotated[bool, typer.Option(
 
 
 def _setup_logging(quiet: bool, verbose: bool) -> None:
-    level = logging.ERROR if quiet else logging.DEBUG if verbose else logging.INFO
+    level = logging.INFO
+    if quiet:
+        level = logging.ERROR
+    elif verbose:
+        level = logging.DEBUG
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
     logger.handlers[:] = [handler]
@@ -112,9 +116,9 @@ def _print_verification(verification: dict) -> None:
 
 @app.command()
 def merge(
-    base: Annotated[Path, typer.Argument(help="Base model directory (config.json and safetensors weights).")],
-    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory (adapter_config.json and weights).")],
-    out: Annotated[Path, typer.Argument(help="Output directory; created atomically.")],
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="Base model directory (config.json and safetensors weights).")],
+    adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="PEFT adapter directory (adapter_config.json and weights).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory; created atomically.")],
     dtype: Annotated[Optional[DType], typer.Option(help="Store floating-point tensors in this dtype; default: the base's.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists and is not empty.")] = False,
     checks: Checks = CheckMode.auto,
@@ -149,9 +153,9 @@ def merge(
 
 @app.command()
 def verify(
-    base: Annotated[Path, typer.Argument(help="Base model directory.")],
-    adapter: Annotated[Path, typer.Argument(help="PEFT adapter directory.")],
-    merged: Annotated[Path, typer.Argument(help="Merged model directory to check.")],
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="Base model directory.")],
+    adapter: Annotated[Path, typer.Argument(metavar="ADAPTER", help="PEFT adapter directory.")],
+    merged: Annotated[Path, typer.Argument(metavar="MERGED", help="Merged model directory to check.")],
     checks: Checks = CheckMode.auto,
     atol: Atol = None,
     rtol: Rtol = None,

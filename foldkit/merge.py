@@ -153,8 +153,8 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: dict[str, list
 class _FoldTargets:
     """Produce each output tensor: a folded weight or bias, or the base tensor unchanged.
 
-    A fold yields a weight and a bias together; whichever is requested second is kept until its turn
-    (a bias usually precedes its weight in a file, since safetensors sorts names).
+    A fold yields a weight and a bias together, so whichever is requested second is kept until its
+    turn. A bias usually precedes its weight in a file because safetensors sorts names.
     """
 
     def __init__(self, plan: FoldPlan):

@@ -23,7 +23,7 @@ FORMS = ("activation", "weight")
 
 
 class AdapterLayer(nn.Module):
-    """Base of the wrappers: holds the frozen layer as `base_layer`."""
+    """Base class of the wrappers. The frozen layer is `base_layer`."""
 
     def __init__(self, base_layer: nn.Module):
         super().__init__()

@@ -1,4 +1,4 @@
-"""Write a safetensors file one tensor at a time, so a merge never holds the whole model in memory.
+"""Write a safetensors file one tensor at a time, so a merge never keeps the whole model in memory.
 
 The header is computed up front from the declared names, dtypes and shapes; each tensor's bytes are
 then appended in declared order. The file layout follows the safetensors format: an 8-byte

@@ -37,7 +37,7 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 
 
 def tolerance_for(dtype: torch.dtype, atol: float | None = None, rtol: float | None = None) -> Tolerance:
-    """The table's tolerance for `dtype`, with user overrides for atol and rtol."""
+    """Return the table's tolerance for `dtype`, with user overrides for atol and rtol."""
     base = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     if atol is None and rtol is None:
         return base
@@ -45,7 +45,7 @@ def tolerance_for(dtype: torch.dtype, atol: float | None = None, rtol: float | N
 
 
 def least_precise(dtypes) -> torch.dtype:
-    """The dtype among `dtypes` with the loosest tolerance; float32 when none is a float."""
+    """Return the dtype among `dtypes` with the loosest tolerance, or float32 when none is a float."""
     present = set(dtypes)
     for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
         if dtype in present:

@@ -1,4 +1,4 @@
-"""Choose and run the equivalence checks after a merge, and say which ran and why."""
+"""Choose and run the equivalence checks after a merge, and record which ran and why."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from foldkit.verify_modules import check_modules
 logger = logging.getLogger(__name__)
 
 CHECK_MODES = ("auto", "modules", "logits", "all", "none")
-# The logits check holds one float32 copy of the model at a time, plus activations and loading
-# overhead; "auto" runs it only when that estimate fits in the available memory.
+# The logits check keeps one float32 copy of the model in memory at a time, plus activations and
+# loading overhead. "auto" runs it only when that estimate fits in the available memory.
 LOGITS_MEMORY_FACTOR = 1.5
 
 

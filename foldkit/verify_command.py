@@ -22,7 +22,7 @@ def verify_merged(base: Path, adapter_dir: Path, merged: Path, mode: str = "auto
 
 
 def check_same_layout(base: Checkpoint, merged: Checkpoint, plan: FoldPlan) -> None:
-    """Raise unless MERGED holds every base tensor, and every folded one, with the base's shapes."""
+    """Raise unless MERGED contains every base tensor, and every folded one, with the base's shapes."""
     # Folded tensors first, so that a merge from another base is reported at a targeted module.
     expected = {task.target_weight: base.tensors[task.source_weight].shape for task in plan.tasks}
     for name, info in base.tensors.items():

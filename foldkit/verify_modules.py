@@ -97,7 +97,7 @@ def _linear_layout(weight: torch.Tensor, fan_in_fan_out: bool) -> torch.Tensor:
 
 
 def _activation_form(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, task: FoldTask):
-    """The module's output with the adapter applied around the layer, and the magnitude sum for the bound."""
+    """Compute the module's output with the adapter applied around the layer, and the magnitude sum for the bound."""
     adapter = task.adapter
     bias_abs = 0 if bias is None else bias.abs()
     if adapter.kind == "ia3":
