@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from foldkit.adapter import Adapter, ModuleAdapter
 from foldkit.checkpoint import Checkpoint
 from foldkit.errors import AdapterError, UnsupportedAdapterError
@@ -73,6 +75,7 @@ def _plan_module(checkpoint: Checkpoint, adapter: Adapter, model: ModelInfo, nam
             f"module {name} owns a weight that other modules share ({parameter}); folding into it would change them too"
         )
 
+    _check_saved_base_copy(checkpoint, source_weight, name, module_adapter)
     weight_shape = checkpoint.tensors[source_weight].shape
     out_features, in_features = (weight_shape[1], weight_shape[0]) if fan_in_fan_out else weight_shape[:2]
     _check_shapes(name, module_adapter, weight_shape, out_features, in_features)
@@ -83,6 +86,19 @@ def _plan_module(checkpoint: Checkpoint, adapter: Adapter, model: ModelInfo, nam
         target_bias = _output_name(checkpoint, model, f"{module_name}.bias")
     return FoldTask(name, module_name, module_adapter, fan_in_fan_out, source_weight, target_weight, bias_name, target_bias,
                     unties)
+
+
+def _check_saved_base_copy(checkpoint: Checkpoint, source_weight: str, name: str, adapter: ModuleAdapter) -> None:
+    """Raise if the adapter's stored copy of the base weight differs from BASE's weight."""
+    saved = adapter.tensors.pop("base_layer_weight", None)
+    if saved is None:
+        return
+    base_weight = checkpoint.read(source_weight)
+    if saved.shape != base_weight.shape or not torch.equal(saved.to(base_weight.dtype), base_weight):
+        raise AdapterError(
+            f"module {name}: the adapter's saved copy of the base weight ({tuple(saved.shape)}) differs from "
+            f"{source_weight} ({tuple(base_weight.shape)}) in {checkpoint.path}: was the adapter made for another base?"
+        )
 
 
 def _find_module(adapter: Adapter, model: ModelInfo, name: str) -> str:

@@ -29,6 +29,9 @@ PROBE_TEXTS = (
 PROBE_SEED = 1234
 PROBE_SHAPE = (2, 16)
 NOISE_SEED = 99
+# A directory with none of these has no tokenizer, whatever AutoTokenizer returns for it.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 @dataclass
@@ -74,14 +77,34 @@ def make_probes(directory: Path, vocab_size: int) -> list[tuple[str, dict[str, t
     input_ids = torch.randint(0, vocab_size, PROBE_SHAPE, generator=generator)
     probes = [(f"random token ids {tuple(PROBE_SHAPE)}, seed {PROBE_SEED}",
                {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)})]
-    tokenizer = _load_tokenizer(directory)
-    if tokenizer is not None:
-        if tokenizer.pad_token is None:
-            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        if tokenizer.pad_token is not None:
-            encoded = tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True)
-            probes.append((f"{len(PROBE_TEXTS)} tokenized texts", dict(encoded)))
+    encoded = _tokenize_probe_texts(directory, vocab_size)
+    if encoded is not None:
+        probes.append((f"{len(PROBE_TEXTS)} tokenized texts", encoded))
     return probes
+
+
+def _tokenize_probe_texts(directory: Path, vocab_size: int) -> dict[str, torch.Tensor] | None:
+    """Tokenize PROBE_TEXTS with the directory's tokenizer, or return None when it has no usable one."""
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    tokenizer = _load_tokenizer(directory)
+    if tokenizer is None:
+        return None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        logger.debug("tokenizer in %s has no pad, eos or unk token: probing with token ids only", directory)
+        return None
+    try:
+        encoded = dict(tokenizer(list(PROBE_TEXTS), return_tensors="pt", padding=True))
+    except Exception as error:  # tokenizers raise many types for unusual vocabularies
+        logger.debug("tokenizer in %s failed (%s): probing with token ids only", directory, error)
+        return None
+    input_ids = encoded.get("input_ids")
+    if input_ids is None or input_ids.numel() == 0 or int(input_ids.max()) >= vocab_size:
+        logger.debug("tokenizer in %s gives empty or out-of-vocabulary ids: probing with token ids only", directory)
+        return None
+    return encoded
 
 
 def _load_tokenizer(directory: Path):
