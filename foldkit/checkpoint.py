@@ -4,37 +4,19 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
-
 from foldkit.errors import CheckpointError
+from foldkit.safetensors_reader import HeaderEntry, read_header, read_tensor
 
 logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PICKLED_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
-
-# safetensors dtype codes, as written in a file header.
-DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
-
 
 @dataclass(frozen=True)
 class TensorInfo:
@@ -44,17 +26,18 @@ class TensorInfo:
     file: str
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = -1  # absolute byte offset of the data in `file`; -1 for a tensor not yet written
 
     @property
     def nbytes(self) -> int:
         count = 1
         for size in self.shape:
             count *= size
-        return count * torch.empty((), dtype=self.dtype).element_size()
+        return count * self.dtype.itemsize
 
 
 class Checkpoint:
-    """A model directory: its config.json and its safetensors files, opened memory-mapped."""
+    """A model directory: its config.json and its safetensors files, read one tensor at a time."""
 
     def __init__(self, path: Path, config: dict, files: list[str], tensors: dict[str, TensorInfo],
                  file_metadata: dict[str, dict | None], sharded: bool):
@@ -64,25 +47,29 @@ class Checkpoint:
         self.tensors = tensors
         self.file_metadata = file_metadata
         self.sharded = sharded
-        self._handles: dict[str, object] = {}
+        self._descriptors: dict[str, int] = {}
 
     def names_in(self, file: str) -> list[str]:
         return [info.name for info in self.tensors.values() if info.file == file]
 
     def read(self, name: str) -> torch.Tensor:
-        """Read one tensor. The result may share memory with the memory-mapped file: do not modify it."""
+        """Read one tensor into new memory that the caller owns."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = _open_safetensors(self.path / info.file)
-            self._handles[info.file] = handle
+        file = self.path / info.file
+        fd = self._descriptors.get(info.file)
         try:
-            return handle.get_tensor(name)
-        except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"failed to read tensor {name} from {self.path / info.file}: {error}") from error
+            if fd is None:
+                fd = os.open(file, os.O_RDONLY)
+                self._descriptors[info.file] = fd
+            entry = HeaderEntry(info.dtype, info.shape, info.offset, info.nbytes)
+            return read_tensor(fd, file, name, entry)
+        except OSError as error:
+            raise CheckpointError(f"failed to read tensor {name} from {file}: {error}") from error
 
     def close(self) -> None:
-        self._handles.clear()
+        for fd in self._descriptors.values():
+            os.close(fd)
+        self._descriptors.clear()
 
 
 def read_config(directory: Path, role: str = "base model") -> dict:
@@ -127,30 +114,18 @@ def open_checkpoint(directory: str | Path, role: str = "base model") -> Checkpoi
     tensors: dict[str, TensorInfo] = {}
     file_metadata: dict[str, dict | None] = {}
     for file in files:
-        handle = _open_safetensors(path / file)
-        file_metadata[file] = handle.metadata()
-        for name in handle.keys():
+        entries, file_metadata[file] = read_header(path / file)
+        for name, entry in entries.items():
             if name in tensors:
                 raise CheckpointError(
                     f"tensor {name} is present in two shards ({tensors[name].file} and {file}) in {path}"
                 )
-            tensor_slice = handle.get_slice(name)
-            code = tensor_slice.get_dtype()
-            if code not in DTYPES:
-                raise CheckpointError(f"tensor {name} in {path / file} has unsupported dtype {code}")
-            tensors[name] = TensorInfo(name, file, DTYPES[code], tuple(tensor_slice.get_shape()))
+            tensors[name] = TensorInfo(name, file, entry.dtype, entry.shape, entry.offset)
 
     if expected is not None:
         _check_index_matches(path, expected, tensors)
     logger.debug("opened %s: %d tensors in %d file(s)", path, len(tensors), len(files))
     return Checkpoint(path, config, files, tensors, file_metadata, sharded)
-
-
-def _open_safetensors(file: Path):
-    try:
-        return safe_open(str(file), framework="pt", device="cpu")
-    except (SafetensorError, OSError, ValueError) as error:
-        raise CheckpointError(f"invalid or truncated safetensors file {file}: {error}") from error
 
 
 def _read_index(path: Path) -> tuple[list[str], dict[str, str]]:

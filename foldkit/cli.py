@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from foldkit import __version__
-from foldkit.errors import FoldkitError, VerificationError
+from foldkit.errors import FoldkitError, UsageError, VerificationError
 
 EXIT_OK = 0
 EXIT_FAILURE = 1  # a known failure: bad input, unwritable output
@@ -86,6 +86,8 @@ def _run(action):
         return action()
     except VerificationError as error:
         _fail(str(error), EXIT_MISMATCH)
+    except UsageError as error:
+        _fail(str(error), EXIT_USAGE)
     except FoldkitError as error:
         _fail(str(error), EXIT_FAILURE)
     except KeyboardInterrupt:
@@ -121,6 +123,10 @@ def merge(
     out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory; created atomically.")],
     dtype: Annotated[Optional[DType], typer.Option(help="Store floating-point tensors in this dtype; default: the base's.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists and is not empty.")] = False,
+    max_shard_size: Annotated[Optional[str], typer.Option(
+        help="Write shards of at most this size, such as 5GB (10^9 bytes) or 2GiB; default: the base's shards.")] = None,
+    device: Annotated[str, typer.Option(
+        help="Device for the fold math (cpu, cuda, cuda:N); reading and writing stay streaming on the CPU.")] = "cpu",
     checks: Checks = CheckMode.auto,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip all checks (same as --verify none).")] = False,
     atol: Atol = None,
@@ -138,6 +144,7 @@ def merge(
     from foldkit.merge import MergeOptions, merge as run_merge
 
     options = MergeOptions(dtype=dtype.value if dtype else None, force=force, allow_pickle=allow_pickle,
+                           max_shard_size=max_shard_size, device=device,
                            verify="none" if no_verify else checks.value, atol=atol, rtol=rtol, progress=not quiet and sys.stderr.isatty())
     report = _run(lambda: run_merge(base, adapter, out, options))
     if as_json:

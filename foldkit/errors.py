@@ -13,6 +13,10 @@ class InputError(FoldkitError):
     """A base model, adapter or option that foldkit cannot use as given."""
 
 
+class UsageError(FoldkitError):
+    """An option value that is invalid whatever the inputs (a size, a device, a mode)."""
+
+
 class CheckpointError(InputError):
     """A base checkpoint that is missing, unreadable, corrupt or inconsistent."""
 

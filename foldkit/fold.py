@@ -35,14 +35,17 @@ def fold_lora(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, 
     A LoRA bias on a layer without a bias yields a new bias s·b_B.
     """
     dtype = compute_dtype(weight, lora_A, lora_B)
-    delta = scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
+    # One float32 copy of W, updated in place: the delta is never materialised as a separate tensor.
+    new_weight = weight.to(dtype, copy=True)
+    lora_A, lora_B = lora_A.to(new_weight.device, dtype), lora_B.to(new_weight.device, dtype)
     if fan_in_fan_out:
-        delta = delta.T
-    new_weight = weight.to(dtype) + delta
+        new_weight.addmm_(lora_A.T, lora_B.T, alpha=scaling)
+    else:
+        new_weight.addmm_(lora_B, lora_A, alpha=scaling)
 
     new_bias = None if bias is None else bias.to(dtype)
     if lora_B_bias is not None:
-        scaled = scaling * lora_B_bias.to(dtype)
+        scaled = scaling * lora_B_bias.to(new_weight.device, dtype)
         new_bias = scaled if new_bias is None else new_bias + scaled
     return new_weight, new_bias
 
@@ -56,12 +59,12 @@ def fold_ia3(weight: torch.Tensor, ia3_l: torch.Tensor, *, feedforward: bool, fa
     Both broadcast l over the weight instead of building diag(l).
     """
     dtype = compute_dtype(weight, ia3_l)
-    scale = ia3_l.to(dtype).reshape(-1)
-    new_weight = weight.to(dtype)
-    # In (out, in) layout, output scaling multiplies rows and input scaling columns; Conv1D's (in, out)
+    new_weight = weight.to(dtype, copy=True)
+    scale = ia3_l.to(new_weight.device, dtype).reshape(-1)
+    # In (out, in) layout, output scaling multiplies rows and input scaling columns. Conv1D's (in, out)
     # layout swaps the two.
     scales_rows = feedforward == fan_in_fan_out
-    new_weight = new_weight * (scale[:, None] if scales_rows else scale[None, :])
+    new_weight.mul_(scale[:, None] if scales_rows else scale[None, :])
 
     new_bias = None if bias is None else bias.to(dtype)
     if new_bias is not None and not feedforward:

@@ -13,15 +13,17 @@ from tqdm import tqdm
 
 from foldkit import __version__
 from foldkit.adapter import Adapter, load_adapter
-from foldkit.checkpoint import INDEX_FILE, Checkpoint, TensorInfo, open_checkpoint
-from foldkit.errors import OutputError
+from foldkit.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from foldkit.errors import InputError, OutputError, UsageError
 from foldkit.fold import FOLD_RULES, describe_rule
 from foldkit.model_info import inspect_model
 from foldkit.output_dir import check_output_path, copy_side_files, staged_directory
-from foldkit.plan import FoldPlan, FoldTask, plan_fold
+from foldkit.plan import FoldPlan, plan_fold
 from foldkit.report import FoldedModule, MergeReport
 from foldkit.safetensors_writer import SafetensorsWriter
+from foldkit.shards import Layout, needs_index, output_layout, parse_size, write_index
 from foldkit.verification import CHECK_MODES, run_verification
+from foldkit.verify_modules import ModuleCheck, check_module_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +39,8 @@ class MergeOptions:
     atol: float | None = None
     rtol: float | None = None
     progress: bool = True
+    max_shard_size: int | str | None = None  # bytes, or a size such as "5GB"; None mirrors the base's shards
+    device: str = "cpu"  # where the fold math runs; reading and writing stay on the CPU
 
     def __post_init__(self):
         if isinstance(self.verify, bool):
@@ -61,11 +65,13 @@ def merge(base: str | Path, adapter_dir: str | Path, out: str | Path, options: M
     options = options or MergeOptions()
     base, adapter_dir, out = Path(base), Path(adapter_dir), Path(os.path.abspath(out))
     if options.dtype is not None and options.dtype not in OUTPUT_DTYPES:
-        raise OutputError(f"invalid dtype {options.dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
+        raise UsageError(f"invalid dtype {options.dtype!r}; choose one of {', '.join(OUTPUT_DTYPES)}")
     if options.verify not in CHECK_MODES:
-        raise OutputError(f"invalid verify mode {options.verify!r}; choose one of {', '.join(CHECK_MODES)}")
+        raise UsageError(f"invalid verify mode {options.verify!r}; choose one of {', '.join(CHECK_MODES)}")
     output_dtype = OUTPUT_DTYPES.get(options.dtype) if options.dtype else None
     check_output_path(out, options.force, [base, adapter_dir])
+    max_shard_size = parse_size(options.max_shard_size) if options.max_shard_size is not None else None
+    device = resolve_device(options.device)
 
     checkpoint, adapter, plan = prepare(base, adapter_dir, options.allow_pickle)
     report = MergeReport(__version__, str(base), str(adapter_dir), adapter.peft_type, options.dtype,
@@ -73,12 +79,15 @@ def merge(base: str | Path, adapter_dir: str | Path, out: str | Path, options: M
     logger.info("folding %d %s modules into %s", len(plan.tasks), adapter.peft_type, base)
 
     with staged_directory(out, options.force) as staging:
-        layout = output_layout(checkpoint, plan, output_dtype)
-        write_tensors(checkpoint, plan, layout, staging, report, options.progress)
+        layout = output_layout(checkpoint, plan, output_dtype, max_shard_size)
+        check_inline = options.verify in ("auto", "modules", "all")
+        module_checks = write_tensors(checkpoint, plan, layout, staging, report, options.progress, device,
+                                      check_inline)
         write_config(checkpoint, plan, output_dtype, staging)
         copy_side_files(checkpoint.path, staging)
 
-        verification = run_verification(checkpoint, plan, staging, options.verify, options.atol, options.rtol)
+        verification = run_verification(checkpoint, plan, staging, options.verify, options.atol, options.rtol,
+                                        module_checks)
         report.verification = verification.to_dict()
         report.status = verification.status
         report.write(staging)
@@ -87,40 +96,16 @@ def merge(base: str | Path, adapter_dir: str | Path, out: str | Path, options: M
     return report
 
 
-def output_layout(checkpoint: Checkpoint, plan: FoldPlan, output_dtype: torch.dtype | None) -> dict[str, list[TensorInfo]]:
-    """Output file -> tensors, in write order. Mirrors the base's files; a new untied weight joins its source."""
-    new_tensors: dict[str, list[FoldTask]] = {}
-    for task in plan.tasks:
-        if task.target_weight != task.source_weight:
-            new_tensors.setdefault(task.source_weight, []).append(task)
+def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: Layout, staging: Path,
+                  report: MergeReport, progress: bool, device: torch.device = torch.device("cpu"),
+                  check_modules: bool = True) -> list[ModuleCheck] | None:
+    """Read, fold and write one tensor at a time; return the per-module checks when check_modules is set.
 
-    layout: dict[str, list[TensorInfo]] = {}
-    for file in checkpoint.files:
-        entries = []
-        for name in checkpoint.names_in(file):
-            info = checkpoint.tensors[name]
-            entries.append(_retyped(info, info.name, output_dtype))
-            for task in new_tensors.get(name, []):
-                entries.append(_retyped(info, task.target_weight, output_dtype))
-        layout[file] = entries
-    for task in plan.tasks:
-        if task.target_bias is not None and task.target_bias not in checkpoint.tensors:
-            file = checkpoint.tensors[task.source_weight].file
-            weight_info = checkpoint.tensors[task.source_weight]
-            out_features = weight_info.shape[1] if task.fan_in_fan_out else weight_info.shape[0]
-            layout[file].append(TensorInfo(task.target_bias, file, output_dtype or weight_info.dtype, (out_features,)))
-    return layout
-
-
-def _retyped(info: TensorInfo, name: str, output_dtype: torch.dtype | None) -> TensorInfo:
-    dtype = output_dtype if output_dtype is not None and info.dtype.is_floating_point else info.dtype
-    return TensorInfo(name, info.file, dtype, info.shape)
-
-
-def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: dict[str, list[TensorInfo]], staging: Path,
-                  report: MergeReport, progress: bool) -> None:
-    """Read, fold and write one tensor at a time."""
-    folded = _FoldTargets(plan)
+    The module check runs on the folded tensors in memory, cast exactly as written, so it costs no
+    extra reads.
+    """
+    dtypes = {info.name: info.dtype for entries in layout.values() for info in entries}
+    folded = _FoldTargets(plan, device, dtypes, check_modules)
     total_bytes = sum(info.nbytes for entries in layout.values() for info in entries)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress, leave=False)
@@ -129,8 +114,7 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: dict[str, list
             writer = SafetensorsWriter(staging / file, entries, checkpoint.file_metadata.get(file) or {"format": "pt"})
             try:
                 for info in entries:
-                    tensor = folded.produce(checkpoint, info.name)
-                    writer.write(info.name, tensor.to(info.dtype))
+                    writer.write(info.name, folded.produce(checkpoint, info.name))
                     bar.update(info.nbytes)
             except BaseException:
                 writer.abort()
@@ -139,8 +123,8 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: dict[str, list
     finally:
         bar.close()
 
-    if checkpoint.sharded:
-        _write_index(layout, staging)
+    if needs_index(layout):
+        write_index(layout, staging)
     report.tensors_written = sum(len(entries) for entries in layout.values())
     report.bytes_written = total_bytes
     for task in plan.tasks:
@@ -148,6 +132,7 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: dict[str, list
         report.folded.append(FoldedModule(task.module, task.adapter.kind, describe_rule(task.adapter),
                                           task.target_weight, task.source_weight, task.target_bias,
                                           list(info.shape)))
+    return folded.checks
 
 
 class _FoldTargets:
@@ -157,7 +142,10 @@ class _FoldTargets:
     turn. A bias usually precedes its weight in a file because safetensors sorts names.
     """
 
-    def __init__(self, plan: FoldPlan):
+    def __init__(self, plan: FoldPlan, device: torch.device, dtypes: dict[str, torch.dtype], check_modules: bool):
+        self.device = device
+        self.dtypes = dtypes
+        self.checks: list[ModuleCheck] | None = [] if check_modules else None
         self.tasks = {task.target_weight: task for task in plan.tasks}
         self.tasks.update({task.target_bias: task for task in plan.tasks if task.target_bias is not None})
         self._kept: dict[str, torch.Tensor] = {}
@@ -167,11 +155,18 @@ class _FoldTargets:
             return self._kept.pop(name)
         task = self.tasks.get(name)
         if task is None:
-            return checkpoint.read(name)
+            return checkpoint.read(name).to(self.dtypes[name])
 
-        weight = checkpoint.read(task.source_weight)
-        bias = checkpoint.read(task.source_bias) if task.source_bias else None
-        weight, bias = FOLD_RULES[task.adapter.kind](weight, bias, task.adapter, task.fan_in_fan_out)
+        base_weight = checkpoint.read(task.source_weight)
+        base_bias = checkpoint.read(task.source_bias) if task.source_bias else None
+        weight, bias = FOLD_RULES[task.adapter.kind](
+            base_weight.to(self.device), None if base_bias is None else base_bias.to(self.device), task.adapter,
+            task.fan_in_fan_out)
+        weight = weight.to("cpu", self.dtypes[task.target_weight])
+        if bias is not None:
+            bias = bias.to("cpu", self.dtypes[task.target_bias])
+        if self.checks is not None:
+            self.checks.append(check_module_tensors(task, base_weight, base_bias, weight, bias))
         if name == task.target_weight:
             if task.target_bias is not None:
                 self._kept[task.target_bias] = bias
@@ -180,11 +175,17 @@ class _FoldTargets:
         return bias
 
 
-def _write_index(layout: dict[str, list[TensorInfo]], staging: Path) -> None:
-    weight_map = {info.name: file for file, entries in layout.items() for info in entries}
-    total = sum(info.nbytes for entries in layout.values() for info in entries)
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (staging / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+def resolve_device(name: str) -> torch.device:
+    """Parse --device and check that it is usable here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError) as error:
+        raise UsageError(f"invalid device {name!r}: use cpu, cuda or cuda:N") from error
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {name} requested but CUDA is not available on this machine; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"unsupported device {name!r}: use cpu, cuda or cuda:N")
+    return device
 
 
 def write_config(checkpoint: Checkpoint, plan: FoldPlan, output_dtype: torch.dtype | None, staging: Path) -> None:

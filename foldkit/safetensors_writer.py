@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from foldkit.checkpoint import DTYPE_CODES, TensorInfo
+from foldkit.checkpoint import TensorInfo
+from foldkit.safetensors_reader import DTYPE_CODES
 from foldkit.errors import OutputError
 
 

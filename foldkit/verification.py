@@ -11,7 +11,7 @@ from foldkit.checkpoint import Checkpoint, open_checkpoint
 from foldkit.plan import FoldPlan
 from foldkit.tolerances import least_precise
 from foldkit.verify_logits import verify_logits
-from foldkit.verify_modules import check_modules
+from foldkit.verify_modules import ModuleCheck, check_modules, summarize
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +50,13 @@ class Verification:
 
 
 def run_verification(base: Checkpoint, plan: FoldPlan, merged_dir: Path, mode: str = "auto",
-                     atol: float | None = None, rtol: float | None = None) -> Verification:
-    """Run the checks `mode` selects on a merged directory. atol and rtol apply to the logits check."""
+                     atol: float | None = None, rtol: float | None = None,
+                     module_checks: list[ModuleCheck] | None = None) -> Verification:
+    """Run the checks `mode` selects on a merged directory. atol and rtol apply to the logits check.
+
+    module_checks, when given, are the per-module results the merge computed while writing, which
+    saves reading every folded tensor again.
+    """
     if mode not in CHECK_MODES:
         raise ValueError(f"mode must be one of {CHECK_MODES}, got {mode!r}")
     verification = Verification(mode)
@@ -61,9 +66,13 @@ def run_verification(base: Checkpoint, plan: FoldPlan, merged_dir: Path, mode: s
 
     merged = open_checkpoint(merged_dir)
     if mode in ("auto", "modules", "all"):
-        logger.info("checking %d folded modules against their activation form", len(plan.tasks))
-        verification.modules = check_modules(base, merged, plan).to_dict()
-        verification.notes.append("modules: every folded weight checked with random probe vectors")
+        if module_checks is not None:
+            verification.modules = summarize(module_checks).to_dict()
+            verification.notes.append("modules: every folded weight checked with random probe vectors while writing")
+        else:
+            logger.info("checking %d folded modules against their activation form", len(plan.tasks))
+            verification.modules = check_modules(base, merged, plan).to_dict()
+            verification.notes.append("modules: every folded weight read back and checked with random probe vectors")
 
     run_logits, reason = _should_run_logits(mode, base)
     verification.notes.append(reason)

@@ -55,7 +55,10 @@ class ModuleChecksResult:
 
 def check_modules(base: Checkpoint, merged: Checkpoint, plan: FoldPlan) -> ModuleChecksResult:
     """Check every folded module of `plan`, reading one base and one merged tensor at a time."""
-    checks = [check_module(base, merged, task) for task in plan.tasks]
+    return summarize([check_module(base, merged, task) for task in plan.tasks])
+
+
+def summarize(checks: list[ModuleCheck]) -> ModuleChecksResult:
     worst = max(checks, key=lambda check: check.max_bound_ratio, default=None)
     failed = [check.module for check in checks if not check.max_bound_ratio <= 1.0]
     return ModuleChecksResult(
@@ -70,11 +73,20 @@ def check_modules(base: Checkpoint, merged: Checkpoint, plan: FoldPlan) -> Modul
 
 
 def check_module(base: Checkpoint, merged: Checkpoint, task: FoldTask) -> ModuleCheck:
-    weight = _linear_layout(base.read(task.source_weight), task.fan_in_fan_out).double()
-    bias = base.read(task.source_bias).double() if task.source_bias else None
-    stored = merged.read(task.target_weight)
+    base_bias = base.read(task.source_bias) if task.source_bias else None
+    merged_bias = merged.read(task.target_bias) if task.target_bias else None
+    return check_module_tensors(task, base.read(task.source_weight), base_bias, merged.read(task.target_weight),
+                                merged_bias)
+
+
+def check_module_tensors(task: FoldTask, base_weight: torch.Tensor, base_bias: torch.Tensor | None,
+                         stored_weight: torch.Tensor, stored_bias: torch.Tensor | None) -> ModuleCheck:
+    """Check one folded weight (and bias) as stored against the module's activation form."""
+    weight = _linear_layout(base_weight, task.fan_in_fan_out).double()
+    bias = base_bias.double() if base_bias is not None else None
+    stored = stored_weight
     merged_weight = _linear_layout(stored, task.fan_in_fan_out).double()
-    merged_bias = merged.read(task.target_bias).double() if task.target_bias else None
+    merged_bias = stored_bias.double() if stored_bias is not None else None
 
     generator = torch.Generator().manual_seed(PROBE_SEED)
     x = torch.randn(PROBE_COUNT, weight.shape[1], generator=generator, dtype=torch.float64)

@@ -49,16 +49,18 @@ def test_forms_agree(layer_kind, adapter_kind, feedforward):
     assert not torch.allclose(activation, base(x), atol=1e-3)
 
 
-def test_forms_have_same_gradients():
-    adapter = random_adapter("ia3", feedforward=True)
+@pytest.mark.parametrize("adapter_kind,parameters", [("ia3", ("ia3_l",)), ("lora", ("lora_A", "lora_B"))])
+def test_forms_have_same_gradients(adapter_kind, parameters):
+    adapter = random_adapter(adapter_kind, feedforward=True)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(3))
-    grads = []
+    grads = {}
     for form in ("activation", "weight"):
         layer = wrap_layer(make_layer("linear"), adapter, form)
         layer(x).square().sum().backward()
-        grads.append(layer.ia3_l.grad)
+        grads[form] = [getattr(layer, name).grad for name in parameters]
 
-    torch.testing.assert_close(grads[0], grads[1], atol=TOL.atol, rtol=TOL.rtol)
+    for activation_grad, weight_grad in zip(grads["activation"], grads["weight"]):
+        torch.testing.assert_close(weight_grad, activation_grad, atol=TOL.atol, rtol=TOL.rtol)
 
 
 def test_wrapping_freezes_base_layer():
