@@ -201,3 +201,7 @@ def main(
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Fold LoRA and IA3 adapters into plain model weights and prove the result is equivalent."""
+
+
+if __name__ == "__main__":
+    app()

