@@ -10,8 +10,9 @@ Cases:
     scaling    synthetic checkpoints of about 0.5, 2 and 8 GB: foldkit and the I/O floor only
     huge       a synthetic checkpoint larger than this machine's memory (about 26 GB): foldkit only
 
-Each measurement runs in a fresh process; peak RSS is that process's ru_maxrss. Files stay in the
-page cache between runs where memory allows, for every method alike.
+Each measurement runs in a fresh process; peak RSS is that process's VmHWM (see peak_rss.py). Files
+stay in the page cache between runs where memory allows, for every method alike, and dirty pages are
+flushed before each run.
 """
 
 from __future__ import annotations
@@ -39,17 +40,23 @@ GB = 10**9
 
 
 def measure(command: list[str], out: Path) -> tuple[float, int]:
-    """Run a command once in a fresh process; return wall seconds and peak RSS in bytes."""
+    """Run a Python command once in a fresh process; return wall seconds and its peak RSS in bytes.
+
+    Dirty pages of the previous run are flushed first (untimed), so each run starts alike.
+    """
     shutil.rmtree(out, ignore_errors=True)
+    os.sync()
+    peak_file = out.with_name(out.name + ".peak")
+    wrapped = [PYTHON, str(HERE / "peak_rss.py"), str(peak_file), *command[1:]]
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(process.pid, 0)
+    completed = subprocess.run(wrapped, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    if os.waitstatus_to_exitcode(status) != 0:
+    if completed.returncode != 0:
+        stderr = completed.stderr.decode(errors="replace")
         raise RuntimeError(f"{' '.join(command)} failed:\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss * 1024
+    peak = int(peak_file.read_text())
+    peak_file.unlink()
+    return wall, peak
 
 
 def repeat(command: list[str], out: Path, repeats: int) -> dict:

@@ -74,7 +74,7 @@ class LlamaShape:
 
 
 def shape_for_size(target_bytes: int, hidden: int = 2048, intermediate: int = 8192) -> LlamaShape:
-    """The number of layers that brings a Llama of this width closest to target_bytes in bf16."""
+    """Return the Llama shape of this width whose bf16 size is closest to target_bytes."""
     per_layer = LlamaShape(2, hidden, intermediate).nbytes() - LlamaShape(1, hidden, intermediate).nbytes()
     fixed = LlamaShape(1, hidden, intermediate).nbytes() - per_layer
     layers = max(1, round((target_bytes - fixed) / per_layer))

@@ -17,7 +17,8 @@ from foldkit import __version__
 from foldkit.adapter import Adapter, load_adapter
 from foldkit.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from foldkit.errors import InputError, OutputError, UsageError
-from foldkit.fold import FOLD_RULES, describe_rule
+from foldkit.fold import describe_rule
+from foldkit.fold_stream import FoldStream
 from foldkit.model_info import inspect_model
 from foldkit.output_dir import check_output_path, copy_side_files, staged_directory
 from foldkit.plan import FoldPlan, plan_fold
@@ -25,7 +26,7 @@ from foldkit.report import FoldedModule, MergeReport
 from foldkit.safetensors_writer import SafetensorsWriter
 from foldkit.shards import Layout, needs_index, output_layout, parse_size, write_index
 from foldkit.verification import CHECK_MODES, run_verification
-from foldkit.verify_modules import ModuleCheck, check_module_tensors
+from foldkit.verify_modules import ModuleCheck
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: Layout, stagin
     extra reads.
     """
     dtypes = {info.name: info.dtype for entries in layout.values() for info in entries}
-    folded = _FoldTargets(plan, device, dtypes, check_modules)
+    folded = FoldStream(checkpoint, plan, device, dtypes, check_modules)
     total_bytes = sum(info.nbytes for entries in layout.values() for info in entries)
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, unit_divisor=1024, desc="merge",
                disable=not progress, leave=False)
@@ -127,8 +128,10 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: Layout, stagin
                 metadata = checkpoint.file_metadata.get(file) or {"format": "pt"}
                 writer = SafetensorsWriter(staging / file, entries, metadata)
                 try:
-                    for info in entries:
-                        tensor = folded.produce(checkpoint, info.name)
+                    for position, info in enumerate(entries):
+                        if position + 1 < len(entries):
+                            folded.read_ahead(entries[position + 1].name)
+                        tensor = folded.produce(info.name)
                         pending.append((executor.submit(writer.write, info.name, tensor), info.nbytes))
                         while len(pending) > WRITE_QUEUE:
                             finish_oldest()
@@ -144,6 +147,7 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: Layout, stagin
                 writer.close()
         finally:
             bar.close()
+            folded.close()
 
     if needs_index(layout):
         write_index(layout, staging)
@@ -155,46 +159,6 @@ def write_tensors(checkpoint: Checkpoint, plan: FoldPlan, layout: Layout, stagin
                                           task.target_weight, task.source_weight, task.target_bias,
                                           list(info.shape)))
     return folded.checks
-
-
-class _FoldTargets:
-    """Produce each output tensor: a folded weight or bias, or the base tensor unchanged.
-
-    A fold yields a weight and a bias together, so whichever is requested second is kept until its
-    turn. A bias usually precedes its weight in a file because safetensors sorts names.
-    """
-
-    def __init__(self, plan: FoldPlan, device: torch.device, dtypes: dict[str, torch.dtype], check_modules: bool):
-        self.device = device
-        self.dtypes = dtypes
-        self.checks: list[ModuleCheck] | None = [] if check_modules else None
-        self.tasks = {task.target_weight: task for task in plan.tasks}
-        self.tasks.update({task.target_bias: task for task in plan.tasks if task.target_bias is not None})
-        self._kept: dict[str, torch.Tensor] = {}
-
-    def produce(self, checkpoint: Checkpoint, name: str) -> torch.Tensor:
-        if name in self._kept:
-            return self._kept.pop(name)
-        task = self.tasks.get(name)
-        if task is None:
-            return checkpoint.read(name).to(self.dtypes[name])
-
-        base_weight = checkpoint.read(task.source_weight)
-        base_bias = checkpoint.read(task.source_bias) if task.source_bias else None
-        weight, bias = FOLD_RULES[task.adapter.kind](
-            base_weight.to(self.device), None if base_bias is None else base_bias.to(self.device), task.adapter,
-            task.fan_in_fan_out)
-        weight = weight.to("cpu", self.dtypes[task.target_weight])
-        if bias is not None:
-            bias = bias.to("cpu", self.dtypes[task.target_bias])
-        if self.checks is not None:
-            self.checks.append(check_module_tensors(task, base_weight, base_bias, weight, bias))
-        if name == task.target_weight:
-            if task.target_bias is not None:
-                self._kept[task.target_bias] = bias
-            return weight
-        self._kept[task.target_weight] = weight
-        return bias
 
 
 def resolve_device(name: str) -> torch.device:

@@ -704,7 +704,7 @@ def test_verify_merged_other_hidden_size(base_dir, lora_dir, wide_base_dir):
 
 
 def test_merge_broken_fold_rule_caught(tmp_path, monkeypatch, base_dir, lora_dir):
-    # A LoRA rule that forgets the scaling: both checks must catch it, and the output is kept.
+    # A LoRA rule that omits the scaling: both checks must catch it, and the output is kept.
     def unscaled(weight, bias, adapter, fan_in_fan_out):
         tensors = adapter.tensors
         return foldkit.fold.fold_lora(weight, tensors["lora_A"], tensors["lora_B"], 1.0,
