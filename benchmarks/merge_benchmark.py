@@ -80,6 +80,10 @@ def run_case(name: str, base: Path, adapter: Path, work: Path, repeats: int, met
     for method in methods:
         print(f"{name}: {method} x{repeats}", file=sys.stderr, flush=True)
         result[method] = repeat(commands[method], out, repeats)
+        if method == "foldkit":
+            report = json.loads((out / "foldkit_report.json").read_text())
+            result["foldkit_verification"] = report["verification"]
+            result["foldkit_status"] = report["status"]
     shutil.rmtree(out, ignore_errors=True)
     if "io_floor" in result and "foldkit" in result:
         result["foldkit_vs_floor_wall"] = result["foldkit"]["wall_median_s"] / result["io_floor"]["wall_median_s"]
