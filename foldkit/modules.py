@@ -15,7 +15,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from foldkit.adapter import ModuleAdapter
-from foldkit.errors import UnsupportedAdapterError
+from foldkit.errors import UnsupportedAdapterError, UsageError
 from foldkit.fold import fold_ia3, fold_lora
 from foldkit.patterns import is_feedforward, matches_module_list
 
@@ -106,7 +106,7 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, fa
 def wrap_layer(base_layer: nn.Module, adapter: ModuleAdapter, form: str) -> AdapterLayer:
     """Wrap one layer with the adapter's activation or weight form."""
     if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        raise UsageError(f"invalid adapter form {form!r}; choose one of {', '.join(FORMS)}")
     tensors = adapter.tensors
     if adapter.kind == "ia3":
         layer_class = IA3Activation if form == "activation" else IA3Weight

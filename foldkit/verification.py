@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from foldkit.checkpoint import Checkpoint, open_checkpoint
+from foldkit.errors import UsageError
 from foldkit.plan import FoldPlan
 from foldkit.tolerances import least_precise
 from foldkit.verify_logits import verify_logits
@@ -58,7 +59,7 @@ def run_verification(base: Checkpoint, plan: FoldPlan, merged_dir: Path, mode: s
     saves reading every folded tensor again.
     """
     if mode not in CHECK_MODES:
-        raise ValueError(f"mode must be one of {CHECK_MODES}, got {mode!r}")
+        raise UsageError(f"invalid verify mode {mode!r}; choose one of {', '.join(CHECK_MODES)}")
     verification = Verification(mode)
     if mode == "none":
         verification.notes.append("no checks: verification was turned off")

@@ -1,6 +1,7 @@
 """Merges of real models shipped by PyPI packages: SmolLM2-135M-Instruct and all-MiniLM-L6-v2."""
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -121,6 +122,39 @@ def test_smollm2_merged_dir_loads_alone(tmp_path, smollm2):
     model = AutoModelForCausalLM.from_pretrained(str(merged))
     assert model.dtype == torch.bfloat16
     assert not any("ia3" in name or "lora" in name for name, _ in model.named_parameters())
+
+
+def test_smollm2_merged_loads_without_peft(tmp_path, smollm2):
+    adapter = tmp_path / "adapter"
+    make_adapter(smollm2, AutoModelForCausalLM, SMOLLM2_ADAPTERS["lora_all_linear"], adapter)
+    merged = tmp_path / "merged"
+    merge(smollm2, adapter, merged, MergeOptions(progress=False, verify="modules"))
+    # A fresh interpreter that makes `import peft` fail: loading and running the merged model must not need it.
+    script = (
+        "import sys, importlib.abc, importlib.util\n"
+        "class Blocked(importlib.abc.Loader):\n"
+        "    def create_module(self, spec):\n"
+        "        return None\n"
+        "    def exec_module(self, module):\n"
+        "        raise ImportError('peft is blocked in this test')\n"
+        "class NoPeft(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'peft' or name.startswith('peft.'):\n"
+        "            return importlib.util.spec_from_loader(name, Blocked())\n"
+        "sys.meta_path.insert(0, NoPeft())\n"
+        "import torch\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(merged)!r})\n"
+        "logits = model(input_ids=torch.tensor([[1, 2, 3]])).logits\n"
+        "assert torch.isfinite(logits).all()\n"
+        "assert 'peft' not in sys.modules\n"
+        "print('loaded without peft')\n"
+    )
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded without peft" in result.stdout
 
 
 MINILM_ADAPTERS = {
