@@ -33,7 +33,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 DTYPE_CODES = {dtype: code for code, dtype in DTYPES.items()}
-MAX_HEADER_BYTES = 100 * 2**20  # the safetensors library's own limit
+MAX_HEADER_BYTES = 100 * 2**20  # a sanity limit: headers of real checkpoints are a few MB at most
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def unit_roundoff(dtype: torch.dtype) -> float:
-    """Max relative error of rounding a real number to `dtype` (round to nearest)."""
+    """Return the max relative error of rounding a real number to `dtype` (round to nearest)."""
     return torch.finfo(dtype).eps / 2 if dtype.is_floating_point else 0.0
 
 
