@@ -52,6 +52,8 @@ class FoldStream:
         if task is None:
             return self._read(name).to(self.dtypes[name])
 
+        # NOTE: with --device cuda the fold runs on the GPU. That path has not run on a GPU yet, since
+        # no machine of this project has one; tests cover it only with CPU tensors.
         base_weight = self._read(task.source_weight)
         base_bias = self._read(task.source_bias) if task.source_bias else None
         weight, bias = FOLD_RULES[task.adapter.kind](
