@@ -189,6 +189,67 @@ def verify(
         _fail(f"{merged} does not compute what {base} with {adapter} computes, beyond tolerance", EXIT_MISMATCH)
 
 
+@app.command()
+def memory(
+    model: Annotated[Path, typer.Argument(metavar="MODEL_DIR_OR_CONFIG",
+                                          help="Model directory or its config.json; no weights are needed.")],
+    method: Annotated[str, typer.Option(help="Adapter method: ia3 or lora.")] = "ia3",
+    targets: Annotated[str, typer.Option(help="Comma-separated target module names (PEFT suffix rule).")] = "k_proj,v_proj,down_proj",
+    feedforward: Annotated[str, typer.Option(help="Comma-separated IA3 feedforward modules (input scaling).")] = "down_proj",
+    batch: Annotated[int, typer.Option(min=1, help="Batch size.")] = 1,
+    seq: Annotated[int, typer.Option(min=1, help="Sequence length in tokens.")] = 512,
+    dtype: Annotated[DType, typer.Option(help="Model dtype of weights and activations.")] = DType.bfloat16,
+    rank: Annotated[int, typer.Option(min=1, help="LoRA rank r.")] = 8,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Estimate the memory of each adapter form (activation and weight) from a config alone.
+
+    Example: foldkit memory ./gemma-2b --method ia3 --targets k_proj,v_proj,down_proj --feedforward down_proj --batch 32 --seq 216
+    """
+    _setup_logging(quiet, verbose)
+    import torch
+
+    from foldkit.memory import estimate_memory
+
+    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
+    estimate = _run(lambda: estimate_memory(model, method, split(targets), split(feedforward), batch, seq,
+                                            getattr(torch, dtype.value), rank))
+    if as_json:
+        typer.echo(json.dumps(estimate.to_dict(), indent=2))
+        return
+    _print_memory(estimate)
+
+
+def _print_memory(estimate) -> None:
+    gib = 2**30
+    tokens = estimate.batch * estimate.sequence
+    typer.echo(f"{estimate.method.upper()}, {estimate.dtype}, batch {estimate.batch} x sequence {estimate.sequence} "
+               f"= T {tokens} tokens, {estimate.blocks} blocks")
+    for kind in estimate.kinds:
+        scaling = "input scaling" if kind.feedforward else "output scaling"
+        typer.echo(f"{kind.name}: in {kind.in_features}, out {kind.out_features}"
+                   + (f", {scaling}" if estimate.method == "ia3" else "")
+                   + f", {kind.modules_per_block} per block, {kind.trainable_parameters:,} trainable parameters each")
+        typer.echo(f"  activation form: {kind.activation_form_bytes:,} bytes per module  ({kind.activation_formula})")
+        typer.echo(f"  weight form:     {kind.weight_form_bytes:,} bytes per module  ({kind.weight_formula})")
+        if kind.crossover_tokens is None:
+            typer.echo("  the weight form is never cheaper")
+        else:
+            typer.echo(f"  the weight form is cheaper from batch x sequence = {kind.crossover_tokens:,}")
+    per_block_activation = sum(kind.activation_form_bytes * kind.modules_per_block for kind in estimate.kinds)
+    per_block_weight = sum(kind.weight_form_bytes * kind.modules_per_block for kind in estimate.kinds)
+    typer.echo(f"per block: activation form {per_block_activation:,} bytes, weight form {per_block_weight:,} bytes")
+    typer.echo(f"trainable parameters: {estimate.trainable_parameters:,}")
+    typer.echo(f"activation form, all blocks: {estimate.activation_form_bytes:,} bytes "
+               f"({estimate.activation_form_bytes / gib:.2f} GiB)")
+    typer.echo(f"weight form, all blocks:     {estimate.weight_form_bytes:,} bytes "
+               f"({estimate.weight_form_bytes / gib:.2f} GiB)")
+    typer.echo(f"parameters {estimate.parameter_bytes:,} bytes ({estimate.dtype}), gradients "
+               f"{estimate.gradient_bytes:,} bytes (float32), Adam moments {estimate.adam_moment_bytes:,} bytes (float32)")
+
+
 def _version_callback(value: bool) -> None:
     if value:
         typer.echo(f"foldkit {__version__}")
