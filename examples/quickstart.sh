@@ -16,7 +16,7 @@ work=${1:-.cache/quickstart}
 prompt=${PROMPT:-"What is the capital of Spain?"}
 steps=${STEPS:-40}
 max_new_tokens=24
-data=examples/data/style.txt
+data=examples/data/style.jsonl
 python=.venv/bin/python
 started=$SECONDS
 
@@ -39,16 +39,16 @@ echo "base model: $base"
 mkdir -p "$work"
 adapter=$work/adapter
 merged=$work/merged
-train_args=("$base" "$data" "$adapter" --method lora --steps "$steps" --seed 0)
+train_args=("$base" "$data" "$adapter" --method lora --targets q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj
+            --rank 16 --lora-alpha 32 --lr 2e-3 --steps "$steps" --batch-size 4 --max-length 96 --chat-template --seed 0)
 if [[ -f $adapter/adapter_model.safetensors && -f $work/adapter-args.txt
       && $(cat "$work/adapter-args.txt") == "${train_args[*]}"
-      && $adapter/adapter_model.safetensors -nt $data
-      && $adapter/adapter_model.safetensors -nt examples/train_lora.py ]]; then
-    step "reusing the LoRA adapter in $adapter (same data, script and arguments)"
+      && $adapter/adapter_model.safetensors -nt $data ]]; then
+    step "reusing the LoRA adapter in $adapter (same data and arguments)"
 else
-    step "training a LoRA adapter with PEFT on $data"
+    step "foldkit train: a LoRA adapter on $data"
     rm -f "$work/adapter-args.txt"
-    "$python" examples/train_lora.py "${train_args[@]}"
+    .venv/bin/foldkit train "${train_args[@]}"
     echo "${train_args[*]}" > "$work/adapter-args.txt"
 fi
 

@@ -190,6 +190,55 @@ def verify(
 
 
 @app.command()
+def train(
+    base: Annotated[Path, typer.Argument(metavar="BASE", help="Base model directory with a tokenizer.")],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Plain text, or JSONL with text or prompt/completion.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Directory for the PEFT-format adapter.")],
+    method: Annotated[str, typer.Option(help="Adapter method: ia3 or lora.")] = "ia3",
+    form: Annotated[str, typer.Option(help="Adapter form during training: activation or weight.")] = "activation",
+    targets: Annotated[str, typer.Option(help="Comma-separated target module names.")] = "k_proj,v_proj,down_proj",
+    feedforward: Annotated[str, typer.Option(help="Comma-separated IA3 feedforward modules (input scaling).")] = "down_proj",
+    rank: Annotated[int, typer.Option(help="LoRA rank r.")] = 8,
+    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha; scaling is alpha / r.")] = 16.0,
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 3e-3,
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps; default: --epochs full passes.")] = None,
+    epochs: Annotated[int, typer.Option(help="Full passes over DATA when --steps is not given.")] = 1,
+    batch_size: Annotated[int, typer.Option(help="Examples per micro-batch and process.")] = 4,
+    grad_accum: Annotated[int, typer.Option(help="Micro-batches per optimizer step.")] = 1,
+    max_length: Annotated[int, typer.Option(help="Max tokens per example.")] = 256,
+    seed: Annotated[int, typer.Option(help="Random seed for the adapter init and the data order.")] = 0,
+    chat_template: Annotated[bool, typer.Option(
+        "--chat-template", help="Format each JSONL prompt as a user turn with the tokenizer's chat template.")] = False,
+    save_every: Annotated[int, typer.Option(help="Save OUT/checkpoint-STEP every this many steps; 0: only at the end.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the latest OUT/checkpoint-STEP.")] = False,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Train an IA3 or LoRA adapter on a frozen BASE and save it to OUT in PEFT's format.
+
+    Example: foldkit train ./SmolLM2-135M examples/data/style.txt ./adapter --method lora --targets q_proj,v_proj --steps 40
+    """
+    _setup_logging(quiet, verbose)
+    from foldkit.train import TrainOptions, train as run_train
+
+    split = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
+    options = TrainOptions(method=method, form=form, targets=split(targets), feedforward=split(feedforward),
+                           rank=rank, lora_alpha=lora_alpha, lr=lr, steps=steps, epochs=epochs, batch_size=batch_size,
+                           grad_accum=grad_accum, max_length=max_length, seed=seed, save_every=save_every,
+                           chat_template=chat_template,
+                           resume=resume, progress=not quiet and sys.stderr.isatty())
+    result = _run(lambda: run_train(base, data, out, options))
+    if not result.main_process:
+        return
+    if as_json:
+        typer.echo(json.dumps(result.to_dict(), indent=2))
+    elif result.losses:
+        typer.echo(f"trained {result.steps} steps on {result.tokens:,} tokens in {result.seconds:.1f} s; "
+                   f"loss {result.losses[0]:.4f} -> {result.losses[-1]:.4f}; adapter in {out}")
+
+
+@app.command()
 def memory(
     model: Annotated[Path, typer.Argument(metavar="MODEL_DIR_OR_CONFIG",
                                           help="Model directory or its config.json; no weights are needed.")],

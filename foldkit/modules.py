@@ -152,6 +152,31 @@ def inject_ia3(model: nn.Module, target_modules: str | Iterable[str], feedforwar
     return inject_adapters(model, adapters, form)
 
 
+def inject_lora(model: nn.Module, target_modules: str | Iterable[str], rank: int, lora_alpha: float,
+                form: str = "activation", use_rslora: bool = False, seed: int = 0) -> list[str]:
+    """Wrap every Linear/Conv1D whose name matches `target_modules` with a new LoRA layer.
+
+    A is drawn like PEFT's default (Kaiming-uniform with a = sqrt(5)) and B is zero, so the wrapped
+    model starts equal to the base. The scaling is lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    scaling = lora_alpha / (rank ** 0.5 if use_rslora else rank)
+    adapters = {}
+    for name, module in model.named_modules():
+        if not matches_module_list(name, target_modules) or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        if _inside_wrapper(model, name):
+            continue
+        in_features, out_features = _in_features(module), _out_features(module)
+        bound = (6 / ((1 + 5) * in_features)) ** 0.5  # kaiming_uniform_ with a = sqrt(5)
+        lora_A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
+        lora_B = torch.zeros(out_features, rank)
+        dtype, device = module.weight.dtype, module.weight.device
+        tensors = {"lora_A": lora_A.to(device, dtype), "lora_B": lora_B.to(device, dtype)}
+        adapters[name] = ModuleAdapter(name, "lora", tensors, scaling=scaling)
+    return inject_adapters(model, adapters, form)
+
+
 def _inside_wrapper(model: nn.Module, name: str) -> bool:
     parts = name.split(".")
     for end in range(1, len(parts)):
