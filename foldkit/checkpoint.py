@@ -1,4 +1,4 @@
-"""Read a base model's safetensors checkpoint one tensor at a time (memory-mapped)."""
+"""Read a base model's safetensors checkpoint one tensor at a time, with positioned reads."""
 
 from __future__ import annotations
 

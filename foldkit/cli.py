@@ -49,8 +49,8 @@ class DType(str, Enum):
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="Print only errors and the result; no progress bars.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Print debug logs on stderr.")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")]
-Atol = Annotated[Optional[float], typer.Option(help="Absolute tolerance; default from the dtype's table entry.")]
-Rtol = Annotated[Optional[float], typer.Option(help="Tolerance relative to max|reference|; default from the table.")]
+Atol = Annotated[Optional[float], typer.Option(min=0.0, help="Absolute tolerance; default from the dtype's table entry.")]
+Rtol = Annotated[Optional[float], typer.Option(min=0.0, help="Tolerance relative to max|reference|; default from the table.")]
 Checks = Annotated[CheckMode, typer.Option(
     "--verify", help="Checks to run: modules (every folded weight, streaming), logits (whole model, in memory), "
     "all, none, or auto (modules, plus logits when a float32 copy of the model fits in memory).")]
@@ -91,7 +91,7 @@ def _run(action):
     except FoldkitError as error:
         _fail(str(error), EXIT_FAILURE)
     except KeyboardInterrupt:
-        _fail("interrupted; no output was left behind", EXIT_INTERRUPTED)
+        _fail("interrupted; no partial output was written and any existing OUT is unchanged", EXIT_INTERRUPTED)
 
 
 def _print_verification(verification: dict) -> None:
@@ -101,7 +101,9 @@ def _print_verification(verification: dict) -> None:
         typer.echo(f"  modules: {'passed' if modules['passed'] else 'FAILED'}, {modules['modules_checked']} checked, "
                    f"worst {modules['worst_module']} at {modules['worst_bound_ratio']:.3g} of its rounding bound")
         if modules["failed_modules"]:
-            typer.echo(f"  modules beyond their bound: {', '.join(modules['failed_modules'][:10])}")
+            failed = modules["failed_modules"]
+            more = f" and {len(failed) - 10} more" if len(failed) > 10 else ""
+            typer.echo(f"  modules beyond their bound: {', '.join(failed[:10])}{more}")
     logits = verification["logits"]
     if logits is not None:
         typer.echo(f"  {logits['compared']}: {'passed' if logits['passed'] else 'FAILED'}, "
@@ -141,6 +143,8 @@ def merge(
     Example: foldkit merge ./SmolLM2-135M ./my-lora ./merged
     """
     _setup_logging(quiet, verbose)
+    if no_verify and checks is not CheckMode.auto:
+        _fail(f"--no-verify conflicts with --verify {checks.value}; pass one of them", EXIT_USAGE)
     from foldkit.merge import MergeOptions, merge as run_merge
 
     options = MergeOptions(dtype=dtype.value if dtype else None, force=force, allow_pickle=allow_pickle,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ class MergeOptions:
     verify: str = "auto"  # one of CHECK_MODES
     atol: float | None = None
     rtol: float | None = None
-    progress: bool = True
+    progress: bool | None = None  # None: show the bar only when stderr is a terminal
     max_shard_size: int | str | None = None  # bytes, or a size such as "5GB"; None mirrors the base's shards
     device: str = "cpu"  # where the fold math runs; reading and writing stay on the CPU
 
@@ -78,15 +79,16 @@ def merge(base: str | Path, adapter_dir: str | Path, out: str | Path, options: M
     device = resolve_device(options.device)
 
     checkpoint, adapter, plan = prepare(base, adapter_dir, options.allow_pickle)
-    report = MergeReport(__version__, str(base), str(adapter_dir), adapter.peft_type, options.dtype,
+    report = MergeReport(__version__, str(base.resolve()), str(adapter_dir.resolve()), adapter.peft_type, options.dtype,
                          untied_embeddings=plan.untie_embeddings)
-    logger.info("folding %d %s modules into %s", len(plan.tasks), adapter.peft_type, base)
+    logger.info("folding %d %s modules of %s with base %s into %s", len(plan.tasks), adapter.peft_type, adapter_dir,
+                base, out)
 
     with staged_directory(out, options.force) as staging:
         layout = output_layout(checkpoint, plan, output_dtype, max_shard_size)
         check_inline = options.verify in ("auto", "modules", "all")
-        module_checks = write_tensors(checkpoint, plan, layout, staging, report, options.progress, device,
-                                      check_inline)
+        progress = sys.stderr.isatty() if options.progress is None else options.progress
+        module_checks = write_tensors(checkpoint, plan, layout, staging, report, progress, device, check_inline)
         write_config(checkpoint, plan, output_dtype, staging)
         copy_side_files(checkpoint.path, staging)
 

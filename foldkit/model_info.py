@@ -28,7 +28,9 @@ class ModelInfo:
     tied_weights: dict[str, str]  # tied parameter name -> the parameter it shares storage with
 
     def close_names(self, name: str, count: int = 3) -> list[str]:
-        return difflib.get_close_matches(name, list(self.modules), n=count, cutoff=0.5)
+        """Return names of Linear and Conv1D modules similar to `name`, the only layers an adapter can target."""
+        layers = [key for key, module in self.modules.items() if layer_kind(module) in ("linear", "conv1d")]
+        return difflib.get_close_matches(name, layers, n=count, cutoff=0.5)
 
 
 def resolve_model_class(config: dict, where: Path) -> tuple[str, type]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -30,7 +31,14 @@ COPIED_FILES = (
     "chat_template.jinja",
     "chat_template.json",
     "preprocessor_config.json",
+    # sentence-transformers' pipeline description (pooling, normalisation), as in all-MiniLM-L6-v2.
+    "modules.json",
+    "sentence_bert_config.json",
+    "config_sentence_transformers.json",
 )
+# sentence-transformers module folders such as 1_Pooling: copied when they contain no weight files.
+MODULE_FOLDER = re.compile(r"\d+_[A-Za-z]\w*")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx")
 
 
 def check_output_path(out: Path, force: bool, inputs: list[Path]) -> None:
@@ -45,7 +53,9 @@ def check_output_path(out: Path, force: bool, inputs: list[Path]) -> None:
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise OutputError(f"output directory {out} exists and is not empty; pass --force to replace it")
+        raise OutputError(
+            f"output directory {out} exists and is not empty; pass --force (MergeOptions(force=True)) to replace it"
+        )
     if not out.parent.exists():
         raise OutputError(f"parent directory of {out} does not exist: {out.parent}")
 
@@ -94,4 +104,13 @@ def copy_side_files(base: Path, staging: Path) -> list[str]:
         if source.is_file():
             shutil.copyfile(source, staging / name)
             copied.append(name)
+    for folder in sorted(base.iterdir()):
+        if not folder.is_dir() or not MODULE_FOLDER.fullmatch(folder.name):
+            continue
+        files = [path for path in folder.rglob("*") if path.is_file()]
+        if any(path.suffix in WEIGHT_SUFFIXES for path in files):
+            logger.warning("not copying %s: it contains weight files that foldkit does not merge", folder)
+            continue
+        shutil.copytree(folder, staging / folder.name)
+        copied.append(folder.name)
     return copied

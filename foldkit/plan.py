@@ -106,10 +106,10 @@ def _find_module(adapter: Adapter, model: ModelInfo, name: str) -> str:
         if candidate in model.modules:
             return candidate
     close = model.close_names(name)
-    hint = f"; close names: {', '.join(close)}" if close else ""
+    hint = f" Close names in the base: {', '.join(close)}." if close else ""
     raise AdapterError(
-        f"module {name} from the adapter is not in the base model ({model.architecture}): "
-        f"was the adapter made for another base?{hint}"
+        f"module {name} from the adapter is not in the base model ({model.architecture}). "
+        f"Was the adapter made for another base?{hint}"
     )
 
 

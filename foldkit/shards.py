@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import torch
 from foldkit.checkpoint import INDEX_FILE, SINGLE_FILE, Checkpoint, TensorInfo
 from foldkit.errors import UsageError
 from foldkit.plan import FoldPlan, FoldTask
+
+logger = logging.getLogger(__name__)
 
 Layout = dict[str, list[TensorInfo]]  # output file name -> its tensors, in write order
 
@@ -70,6 +73,10 @@ def _retyped(info: TensorInfo, name: str, output_dtype: torch.dtype | None) -> T
 
 def reshard(entries: list[TensorInfo], max_shard_size: int) -> Layout:
     """Split tensors, in order, into HF-style shards of at most max_shard_size bytes each."""
+    oversized = [info.name for info in entries if info.nbytes > max_shard_size]
+    if oversized:
+        logger.warning("%d tensors are larger than --max-shard-size %d bytes and get a shard of their own, "
+                       "for example %s", len(oversized), max_shard_size, oversized[0])
     groups: list[list[TensorInfo]] = [[]]
     size = 0
     for info in entries:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Install foldkit into .venv and run the whole test suite (about N minutes on 2 CPU cores).
+# Install foldkit into .venv and run the whole test suite (about a minute on 2 CPU cores once installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh

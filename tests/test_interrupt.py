@@ -30,7 +30,7 @@ def test_sigint_during_write_leaves_nothing(tmp_path):
     _, stderr = process.communicate(timeout=120)
 
     assert process.returncode == EXIT_INTERRUPTED, stderr
-    assert stderr.strip().splitlines()[-1] == "Error: interrupted; no output was left behind"
+    assert stderr.strip().splitlines()[-1] == "Error: interrupted; no partial output was written and any existing OUT is unchanged"
     assert "Traceback" not in stderr
     assert not out.exists()
     assert list(tmp_path.glob(".out.foldkit-*")) == []

@@ -176,6 +176,9 @@ def test_minilm_merge_matches_peft(tmp_path, adapter_name):
 
     assert report.status == "PASSED"
     assert report.verification["logits"]["compared"] == "last_hidden_state"
+    # sentence-transformers' pipeline (pooling, normalisation) comes along with the merged encoder.
+    for name in ("modules.json", "sentence_bert_config.json", "1_Pooling/config.json"):
+        assert (merged / name).is_file(), name
     reference = peft_merged(base, AutoModel, adapter)
     assert_weights_match_peft(merged, reference, torch.float32, rtol=1e-6)
 
