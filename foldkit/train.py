@@ -123,7 +123,7 @@ def train(base: str | Path, data: str | Path, out: str | Path, options: TrainOpt
     examples = load_examples(data, tokenizer, options.max_length, options.chat_template)
     inject(model, options)
 
-    # A seeded permutation fixed before sharding, so any number of processes sees the same global batches.
+    # A seeded permutation fixed before sharding, so any number of processes gets the same global batches.
     order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(options.seed)).tolist()
     examples = [examples[index] for index in order]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)

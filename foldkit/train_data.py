@@ -22,7 +22,7 @@ class Example:
 def load_examples(path: Path, tokenizer, max_length: int, chat_template: bool = False) -> list[Example]:
     """Tokenize DATA into examples of at most max_length tokens.
 
-    A .jsonl file (or one whose first character is "{") holds one JSON object a line, with a `text`
+    A .jsonl file (or one whose first character is "{") contains one JSON object a line, with a `text`
     field, or `prompt` and `completion` fields (the loss covers the completion only). Any other file
     is plain text, tokenized whole and cut into blocks of max_length tokens. With chat_template, each
     prompt becomes a user turn formatted by the tokenizer's chat template, ending in the assistant's
