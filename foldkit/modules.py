@@ -139,11 +139,7 @@ def inject_ia3(model: nn.Module, target_modules: str | Iterable[str], feedforwar
     The feedforward flag is decided per module from `feedforward_modules`, with PEFT's rules.
     """
     adapters = {}
-    for name, module in model.named_modules():
-        if not matches_module_list(name, target_modules) or not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        if _inside_wrapper(model, name):
-            continue
+    for name, module in _target_layers(model, target_modules):
         feedforward = is_feedforward(name, feedforward_modules)
         width = _in_features(module) if feedforward else _out_features(module)
         shape = (1, width) if feedforward else (width, 1)
@@ -162,11 +158,7 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], rank: int
     generator = torch.Generator().manual_seed(seed)
     scaling = lora_alpha / (rank ** 0.5 if use_rslora else rank)
     adapters = {}
-    for name, module in model.named_modules():
-        if not matches_module_list(name, target_modules) or not isinstance(module, (nn.Linear, Conv1D)):
-            continue
-        if _inside_wrapper(model, name):
-            continue
+    for name, module in _target_layers(model, target_modules):
         in_features, out_features = _in_features(module), _out_features(module)
         bound = (6 / ((1 + 5) * in_features)) ** 0.5  # kaiming_uniform_ with a = sqrt(5)
         lora_A = (torch.rand(rank, in_features, generator=generator) * 2 - 1) * bound
@@ -175,6 +167,17 @@ def inject_lora(model: nn.Module, target_modules: str | Iterable[str], rank: int
         tensors = {"lora_A": lora_A.to(device, dtype), "lora_B": lora_B.to(device, dtype)}
         adapters[name] = ModuleAdapter(name, "lora", tensors, scaling=scaling)
     return inject_adapters(model, adapters, form)
+
+
+def _target_layers(model: nn.Module, target_modules: str | Iterable[str]) -> list[tuple[str, nn.Module]]:
+    """Return the unwrapped Linear and Conv1D layers whose names match `target_modules` (PEFT's rules)."""
+    layers = []
+    for name, module in model.named_modules():
+        if not matches_module_list(name, target_modules) or not isinstance(module, (nn.Linear, Conv1D)):
+            continue
+        if not _inside_wrapper(model, name):
+            layers.append((name, module))
+    return layers
 
 
 def _inside_wrapper(model: nn.Module, name: str) -> bool:
