@@ -81,7 +81,7 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _run(action):
+def _run(action, interrupted: str = "interrupted; no partial output was written and any existing OUT is unchanged"):
     try:
         return action()
     except VerificationError as error:
@@ -91,7 +91,7 @@ def _run(action):
     except FoldkitError as error:
         _fail(str(error), EXIT_FAILURE)
     except KeyboardInterrupt:
-        _fail("interrupted; no partial output was written and any existing OUT is unchanged", EXIT_INTERRUPTED)
+        _fail(interrupted, EXIT_INTERRUPTED)
 
 
 def _print_verification(verification: dict) -> None:
@@ -232,7 +232,8 @@ def train(
                            grad_accum=grad_accum, max_length=max_length, seed=seed, save_every=save_every,
                            chat_template=chat_template,
                            resume=resume, progress=not quiet and sys.stderr.isatty())
-    result = _run(lambda: run_train(base, data, out, options))
+    result = _run(lambda: run_train(base, data, out, options),
+                  interrupted="interrupted; checkpoints already saved in OUT are kept, continue with --resume")
     if not result.main_process:
         return
     if as_json:

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from foldkit.errors import InputError
+from foldkit.errors import InputError, UsageError
 from foldkit.model_info import load_model_config, resolve_model_class
 from foldkit.patterns import is_feedforward, matches_module_list
 
@@ -128,23 +128,29 @@ def estimate_memory(model_dir_or_config: str | Path, method: str, targets: list[
                     batch: int, sequence: int, dtype: torch.dtype, rank: int = 8) -> MemoryEstimate:
     """Estimate adapter memory for a model described by a config.json (no weights needed)."""
     if method not in ("ia3", "lora"):
-        raise InputError(f"unsupported method {method!r}; choose ia3 or lora")
+        raise UsageError(f"unsupported method {method!r}; choose ia3 or lora")
+    if not targets:
+        raise UsageError("--targets is empty; name at least one module, such as k_proj")
     modules, blocks = _linear_modules(Path(model_dir_or_config))
     d = torch.empty((), dtype=dtype).element_size()
     estimate = MemoryEstimate(method, str(dtype).removeprefix("torch."), batch, sequence, blocks)
 
-    kinds: OrderedDict[str, list[tuple[str, nn.Module]]] = OrderedDict()
+    # One kind per target entry and layer shape: GPT-2's attn.c_proj and mlp.c_proj share a name.
+    kinds: OrderedDict[tuple, list[tuple[str, nn.Module]]] = OrderedDict()
     for name, module in modules.items():
         entry = next((target for target in targets if matches_module_list(name, [target])), None)
         if entry is not None:
-            kinds.setdefault(entry, []).append((name, module))
-    unmatched = [target for target in targets if target not in kinds]
+            key = (entry, *_features(module), is_feedforward(name, feedforward))
+            kinds.setdefault(key, []).append((name, module))
+    unmatched = [target for target in targets if not any(key[0] == target for key in kinds)]
     if unmatched:
         raise InputError(f"targets {', '.join(unmatched)} match no Linear or Conv1D module of this model")
 
     tokens = batch * sequence
-    for entry, members in kinds.items():
+    shared_names = {key[0] for key in kinds if sum(other[0] == key[0] for other in kinds) > 1}
+    for key, members in kinds.items():
         name, module = members[0]
+        entry = key[0] if key[0] not in shared_names else f"{key[0]} ({key[1]}x{key[2]})"
         in_features, out_features = _features(module)
         is_ff = is_feedforward(name, feedforward)
         has_bias = getattr(module, "bias", None) is not None
@@ -168,8 +174,10 @@ def estimate_memory(model_dir_or_config: str | Path, method: str, targets: list[
 
 
 def _linear_modules(path: Path) -> tuple[dict[str, nn.Module], int]:
+    if path.is_file() and path.name != "config.json":
+        raise InputError(f"{path} is not a config.json: pass a model directory or its config.json")
     directory = path.parent if path.is_file() else path
-    config_path = directory / "config.json" if path.is_dir() or not path.is_file() else path
+    config_path = directory / "config.json"
     if not config_path.is_file():
         raise InputError(f"config.json not found at {path}: pass a model directory or its config.json")
     try:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
+import re
 import logging
 import random
 import time
@@ -19,6 +21,7 @@ from foldkit.checkpoint import read_config
 from foldkit.errors import InputError, UsageError
 from foldkit.model_info import resolve_model_class
 from foldkit.modules import FORMS, inject_ia3, inject_lora
+from foldkit.output_dir import check_output_path
 from foldkit.train_data import collate, load_examples
 
 logger = logging.getLogger(__name__)
@@ -73,8 +76,21 @@ def check_options(options: TrainOptions) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(options, name)}")
     if options.steps is not None and options.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {options.steps}")
-    if not options.lr > 0:
-        raise UsageError(f"--lr must be positive, got {options.lr}")
+    if not (options.lr > 0 and math.isfinite(options.lr)):
+        raise UsageError(f"--lr must be a positive finite number, got {options.lr}")
+    if not math.isfinite(options.lora_alpha):
+        raise UsageError(f"--lora-alpha must be finite, got {options.lora_alpha}")
+    if options.max_length < 2:
+        raise UsageError(f"--max-length must be at least 2 (one input and one predicted token), got {options.max_length}")
+    if options.save_every < 0:
+        raise UsageError(f"--save-every must be 0 or more, got {options.save_every}")
+    if not options.targets:
+        raise UsageError("--targets is empty; name at least one module, such as k_proj")
+    if options.method == "ia3":
+        outside = [entry for entry in options.feedforward if entry not in options.targets]
+        if outside:
+            raise UsageError(f"--feedforward names modules that are not in --targets: {', '.join(outside)}; "
+                             "PEFT requires feedforward_modules to be a subset of target_modules")
 
 
 def load_base(base: Path, options: TrainOptions):
@@ -90,7 +106,10 @@ def load_base(base: Path, options: TrainOptions):
     limit = config.get("max_position_embeddings") or config.get("n_positions")
     if limit is not None and options.max_length > limit:
         raise InputError(f"--max-length {options.max_length} is beyond the model's limit of {limit} positions")
-    model = model_class.from_pretrained(str(base), dtype=torch.float32)
+    try:
+        model = model_class.from_pretrained(str(base), dtype=torch.float32)
+    except (OSError, ValueError, RuntimeError) as error:
+        raise InputError(f"transformers failed to load {base}: {' '.join(str(error).split())[:300]}") from error
     return tokenizer, model
 
 
@@ -117,10 +136,13 @@ def train(base: str | Path, data: str | Path, out: str | Path, options: TrainOpt
     options = options or TrainOptions()
     check_options(options)
     base, data, out = Path(base), Path(data), Path(out)
+    check_output_path(out, force=options.resume, inputs=[base])
     torch.manual_seed(options.seed)
     random.seed(options.seed)
     tokenizer, model = load_base(base, options)
     examples = load_examples(data, tokenizer, options.max_length, options.chat_template)
+    if not examples:
+        raise InputError(f"training data {data} gives no example of at least 2 tokens")
     inject(model, options)
 
     # A seeded permutation fixed before sharding, so any number of processes gets the same global batches.
@@ -135,9 +157,12 @@ def train(base: str | Path, data: str | Path, out: str | Path, options: TrainOpt
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
 
     losses, step, tokens, window = [], 0, 0, []
-    if options.resume:
-        step, losses = _resume(out, accelerator.unwrap_model(model), optimizer)
     total_steps = options.steps or options.epochs * max(1, len(loader) // options.grad_accum)
+    if options.resume:
+        step, losses = _resume(out, accelerator.unwrap_model(model), optimizer, options)
+        if step >= total_steps:
+            raise InputError(f"--resume: the latest checkpoint is at step {step}, which is not before --steps "
+                             f"{total_steps}; raise --steps to continue training")
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=not (options.progress and
                                                                           accelerator.is_main_process))
     start = time.perf_counter()
@@ -186,14 +211,18 @@ def _save(directory: Path, accelerator, model, optimizer, options: TrainOptions,
     _plot(losses, directory / CURVE_FILE)
 
 
-def _resume(out: Path, model: nn.Module, optimizer) -> tuple[int, list[float]]:
-    """Load the latest checkpoint in OUT; the adapter weights come from its adapter_model.safetensors."""
+def _resume(out: Path, model: nn.Module, optimizer, options: TrainOptions) -> tuple[int, list[float]]:
+    """Load the latest complete checkpoint in OUT; the adapter weights come from its adapter_model.safetensors."""
     from safetensors.torch import load_file
 
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1]))
+    checkpoints = [path for path in out.glob("checkpoint-*")
+                   if re.fullmatch(r"checkpoint-\d+", path.name) and (path / STATE_FILE).is_file()
+                   and (path / "adapter_model.safetensors").is_file()]
+    checkpoints.sort(key=lambda path: int(path.name.split("-")[1]))
     if not checkpoints:
-        raise InputError(f"--resume: no checkpoint-* directory in {out}")
+        raise InputError(f"--resume: no complete checkpoint-STEP directory in {out}")
     latest = checkpoints[-1]
+    _check_same_adapter(latest, options)
     state = torch.load(latest / STATE_FILE, weights_only=True)
     adapter = load_file(str(latest / "adapter_model.safetensors"))
     modules = dict(model.named_modules())
@@ -209,6 +238,20 @@ def _resume(out: Path, model: nn.Module, optimizer) -> tuple[int, list[float]]:
     torch.set_rng_state(state["torch_rng"])
     logger.info("resumed from %s at step %d", latest, state["step"])
     return state["step"], list(state["losses"])
+
+
+def _check_same_adapter(checkpoint: Path, options: TrainOptions) -> None:
+    """Raise unless the checkpoint was trained with the same method, targets and rank as requested."""
+    config = json.loads((checkpoint / "adapter_config.json").read_text(encoding="utf-8"))
+    saved = {"method": str(config.get("peft_type", "")).lower(), "targets": config.get("target_modules"),
+             "rank": config.get("r", options.rank) if options.method == "lora" else options.rank}
+    requested = {"method": options.method, "targets": options.targets, "rank": options.rank}
+    if options.method == "ia3":
+        saved["feedforward"], requested["feedforward"] = config.get("feedforward_modules"), options.feedforward
+    changed = [key for key in requested if saved.get(key) != requested[key]]
+    if changed:
+        details = ", ".join(f"{key} {saved.get(key)} in the checkpoint but {requested[key]} now" for key in changed)
+        raise InputError(f"--resume: {checkpoint} was trained with other settings ({details})")
 
 
 def _plot(losses: list[float], path: Path) -> None:

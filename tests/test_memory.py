@@ -130,3 +130,16 @@ def test_memory_unknown_target_rejected(gemma_2b_config):
 
     assert result.exit_code == 1
     assert "targets wq match no Linear or Conv1D module" in result.stderr
+
+
+def test_same_name_different_shapes(tmp_path):
+    # GPT-2's attn.c_proj is (32 -> 32) and mlp.c_proj is (128 -> 32): each is costed with its own shape.
+    config = {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 2,
+              "n_positions": 64, "vocab_size": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    estimate = estimate_memory(tmp_path, "ia3", ["c_attn", "c_proj"], ["c_proj"], batch=1, sequence=8,
+                               dtype=torch.float32)
+
+    assert estimate.trainable_parameters == 2 * (96 + 32 + 128)
+    assert sorted(kind.in_features for kind in estimate.kinds if kind.name.startswith("c_proj")) == [32, 128]

@@ -149,7 +149,7 @@ def test_bad_data_rejected(tmp_path, base, content, message):
 
 def test_unknown_target_lists_close_names(tmp_path, base, text_data):
     result = runner.invoke(app, ["train", str(base.directory), str(text_data), str(tmp_path / "out"),
-                                 "--targets", "k_prj", "--max-length", "8"])
+                                 "--targets", "k_prj", "--feedforward", "", "--max-length", "8"])
 
     assert result.exit_code == 1
     assert "target 'k_prj' matches no linear module; close names: k_proj" in result.stderr
@@ -161,3 +161,46 @@ def test_max_length_beyond_limit_rejected(tmp_path, base, text_data):
 
     assert result.exit_code == 1
     assert "beyond the model's limit of 64 positions" in result.stderr
+
+
+def test_feedforward_outside_targets_rejected(tmp_path, base, text_data):
+    result = runner.invoke(app, ["train", str(base.directory), str(text_data), str(tmp_path / "out"),
+                                 "--targets", "k_proj,v_proj", "--feedforward", "down_proj", "--max-length", "8"])
+
+    assert result.exit_code == 2
+    assert "--feedforward names modules that are not in --targets: down_proj" in result.stderr
+
+
+def test_data_without_examples_rejected(tmp_path, base):
+    data = tmp_path / "one.txt"
+    data.write_text("fox\n")
+
+    result = runner.invoke(app, ["train", str(base.directory), str(data), str(tmp_path / "out"), "--max-length", "8"])
+
+    assert result.exit_code == 1
+    assert "gives no example of at least 2 tokens" in result.stderr
+
+
+@pytest.mark.parametrize("out_name", ["base", "base/adapter", "nonempty"])
+def test_train_out_checked(tmp_path, base, text_data, out_name):
+    nonempty = tmp_path / "nonempty"
+    nonempty.mkdir()
+    (nonempty / "keep.txt").write_text("keep")
+    out = {"base": base.directory, "base/adapter": base.directory / "adapter", "nonempty": nonempty}[out_name]
+
+    result = runner.invoke(app, ["train", str(base.directory), str(text_data), str(out), "--max-length", "8"])
+
+    assert result.exit_code == 1
+    assert not (base.directory / "adapter_config.json").exists()
+    assert not (base.directory / "adapter").exists()
+    assert (nonempty / "keep.txt").read_text() == "keep"
+
+
+def test_resume_with_other_method_rejected(tmp_path, base, text_data):
+    train(base.directory, text_data, tmp_path / "out", options(steps=2, save_every=1))
+
+    result = runner.invoke(app, ["train", str(base.directory), str(text_data), str(tmp_path / "out"), "--resume",
+                                 "--method", "lora", "--steps", "4", "--max-length", "8"])
+
+    assert result.exit_code == 1
+    assert "was trained with other settings (method ia3 in the checkpoint but lora now" in result.stderr
