@@ -18,7 +18,6 @@ Training state: parameters in the model dtype, gradients and both Adam moments i
 
 from __future__ import annotations
 
-import json
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from foldkit.checkpoint import read_config
 from foldkit.errors import InputError, UsageError
 from foldkit.model_info import load_model_config, resolve_model_class
 from foldkit.patterns import is_feedforward, matches_module_list
@@ -177,13 +177,7 @@ def _linear_modules(path: Path) -> tuple[dict[str, nn.Module], int]:
     if path.is_file() and path.name != "config.json":
         raise InputError(f"{path} is not a config.json: pass a model directory or its config.json")
     directory = path.parent if path.is_file() else path
-    config_path = directory / "config.json"
-    if not config_path.is_file():
-        raise InputError(f"config.json not found at {path}: pass a model directory or its config.json")
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InputError(f"invalid config.json at {config_path}: {error}") from error
+    config = read_config(directory, role="model")
     _, model_class = resolve_model_class(config, directory)
     hf_config = load_model_config(directory)
     with torch.device("meta"):
