@@ -3,9 +3,9 @@
 Usage: python benchmarks/forms_benchmark.py [--results benchmarks/forms_results.json]
 
 IA3 on k_proj, v_proj and down_proj (input scaling), float32 on the CPU. For each batch x sequence
-T and form it reports the median time of a training step (forward and backward), the bytes that the
-adapter wrappers' forward passes allocate (counted with a dispatch mode), and foldkit memory's
-estimate of the same bytes. The estimate puts the crossover where the weight form becomes cheaper.
+T and form it reports three figures. These are the median time of a training step (forward and
+backward), the bytes that the adapter wrappers' forward passes allocate (counted with a dispatch
+mode), and foldkit memory's estimate of the same bytes. The estimate puts the crossover where the weight form becomes cheaper.
 """
 
 from __future__ import annotations

@@ -23,9 +23,9 @@ PICKLE_FILE = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 SUPPORTED_PEFT_TYPES = ("LORA", "IA3")
 
-# Each adapter tensor key is MODULE + one of these suffixes.
-# PEFT's default save also stores an unchanged copy of a targeted lm_head's weight as base_layer.weight;
-# foldkit checks that copy against BASE and folds nothing from it.
+# Each adapter tensor key is MODULE + one of these suffixes. PEFT's default save also stores an
+# unchanged copy of a targeted lm_head's weight as base_layer.weight. foldkit checks that copy against
+# BASE and folds nothing from it.
 LORA_SUFFIXES = {".lora_A.weight": "lora_A", ".lora_B.weight": "lora_B", ".lora_B.bias": "lora_B_bias",
                  ".base_layer.weight": "base_layer_weight"}
 IA3_SUFFIXES = {".ia3_l": "ia3_l"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -34,7 +35,11 @@ def save_adapter(model: nn.Module, directory: Path, method: str, targets: list[s
     """Write adapter_config.json and adapter_model.safetensors that PEFT and foldkit merge both load."""
     directory.mkdir(parents=True, exist_ok=True)
     state = adapter_state(model)
-    save_file(state, str(directory / SAFETENSORS_FILE), metadata={"format": "pt"})
+    # Each file is written under a temporary name and renamed, so an interrupted save never leaves a
+    # truncated adapter in place of a complete older one.
+    partial = directory / f".{SAFETENSORS_FILE}.partial"
+    save_file(state, str(partial), metadata={"format": "pt"})
+    os.replace(partial, directory / SAFETENSORS_FILE)
     config = {
         "peft_type": "IA3" if method == "ia3" else "LORA",
         "task_type": "CAUSAL_LM",
@@ -50,4 +55,6 @@ def save_adapter(model: nn.Module, directory: Path, method: str, targets: list[s
         config.update({"r": rank, "lora_alpha": lora_alpha, "use_rslora": use_rslora, "lora_dropout": 0.0,
                        "bias": "none", "init_lora_weights": True, "rank_pattern": {}, "alpha_pattern": {},
                        "use_dora": False})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    partial = directory / f".{CONFIG_FILE}.partial"
+    partial.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    os.replace(partial, directory / CONFIG_FILE)

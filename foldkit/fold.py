@@ -1,8 +1,8 @@
 """Fold rules: pure tensor functions that turn an adapter into an equivalent weight and bias.
 
-Weights use nn.Linear's (out_features, in_features) layout unless `fan_in_fan_out` says the stored
-weight is transposed, as in GPT-2's Conv1D. Every rule computes in float32 (float64 stays float64) and
-returns results in that compute dtype: the caller casts once, at the end. No rule edits its inputs.
+Weights use nn.Linear's (out_features, in_features) layout unless `fan_in_fan_out` marks the stored
+weight as transposed, as in GPT-2's Conv1D. Every rule computes in float32 (float64 stays float64) and
+returns results in that compute dtype, so the caller casts once, at the end. No rule edits its inputs.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def _fold_ia3_module(weight, bias, adapter: ModuleAdapter, fan_in_fan_out: bool)
 
 
 def describe_rule(adapter: ModuleAdapter) -> str:
-    """The formula a module's fold used, for the report."""
+    """Return the formula of a module's fold, for the report."""
     if adapter.kind == "lora":
         bias = ", b' = b + s*b_B" if "lora_B_bias" in adapter.tensors else ""
         return f"W' = W + s*B*A (s = {adapter.scaling:g}){bias}"

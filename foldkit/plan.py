@@ -114,7 +114,7 @@ def _find_module(adapter: Adapter, model: ModelInfo, name: str) -> str:
 
 
 def _name_variants(name: str, prefix: str) -> list[str]:
-    """The name as given, without the base model prefix, and with it."""
+    """Return the name as given, then without the base model prefix, or with it."""
     variants = [name]
     if prefix:
         if name.startswith(prefix + "."):

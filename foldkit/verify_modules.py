@@ -2,9 +2,9 @@
 
 Random probe vectors x go through the stored weight and through the activation form (the base
 layer with the adapter around it). The check compares the change each makes to the base layer's
-output, x·(W' - W)ᵀ against the adapter's own term (s·B·A·x for LoRA, (l - 1) ⊙ W·x for output
-scaling, W·((l - 1) ⊙ x) for input scaling), so float32 arithmetic errors stay relative to the
-adapter's effect rather than to W. Each output i must lie within a rounding-error bound:
+output: x·(W' - W)ᵀ against the adapter's own term, which is s·B·A·x for LoRA, (l - 1) ⊙ W·x for
+output scaling and W·((l - 1) ⊙ x) for input scaling. Float32 arithmetic errors therefore stay
+relative to the adapter's effect rather than to W. Each output i must lie within a rounding-error bound:
 
     |diff_i| <= (u + u32) * |x| * |W'_i| + (n + r + 2) * eps32 * |x| * (|D_i| + m_i) + bias terms
 

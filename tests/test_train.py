@@ -108,13 +108,13 @@ def test_two_processes_match_one(tmp_path, base, text_data):
 
     assert single.exit_code == 0, single.output
     assert completed.returncode == 0, completed.stderr[-3000:]
-    one = json.loads((tmp_path / "one" / "losses.json").read_text())
-    two = json.loads((tmp_path / "two" / "losses.json").read_text())
-    torch.testing.assert_close(torch.tensor(two), torch.tensor(one), rtol=1e-5, atol=1e-6)
-    adapter_one = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
-    adapter_two = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
-    for key, tensor in adapter_one.items():
-        torch.testing.assert_close(adapter_two[key], tensor, rtol=1e-4, atol=1e-6)
+    single_losses = json.loads((tmp_path / "one" / "losses.json").read_text())
+    parallel_losses = json.loads((tmp_path / "two" / "losses.json").read_text())
+    torch.testing.assert_close(torch.tensor(parallel_losses), torch.tensor(single_losses), rtol=1e-5, atol=1e-6)
+    single_adapter = load_file(str(tmp_path / "one" / "adapter_model.safetensors"))
+    parallel_adapter = load_file(str(tmp_path / "two" / "adapter_model.safetensors"))
+    for key, tensor in single_adapter.items():
+        torch.testing.assert_close(parallel_adapter[key], tensor, rtol=1e-4, atol=1e-6)
 
 
 def test_prompt_completion_masks_prompt(tmp_path, base):
