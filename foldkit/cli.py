@@ -58,6 +58,35 @@ AllowPickle = Annotated[bool, typer.Option(
     "--allow-pickle", help="Load an adapter_model.bin pickle (weights only). Off: pickles are rejected.")]
 
 
+class ExternalData(str, Enum):
+    auto = "auto"
+    always = "always"
+    never = "never"
+
+
+class Provider(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class ExportDType(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+NoCache = Annotated[bool, typer.Option(
+    "--no-cache", help="Decoders: export logits only, without past key/value inputs and present outputs.")]
+Opset = Annotated[Optional[int], typer.Option(help="ONNX opset to write; default 18.")]
+OnnxDType = Annotated[ExportDType, typer.Option(
+    "--onnx-dtype", help="dtype of the ONNX graph's weights and activations.")]
+ExternalDataOption = Annotated[ExternalData, typer.Option(
+    "--external-data", help="Store weights in one model.onnx.data file beside the graph: auto (only past 2 GB), "
+    "always or never.")]
+ProviderOption = Annotated[Provider, typer.Option(
+    help="ONNX Runtime execution provider for the check: auto (CUDA when the runtime has it), cpu or cuda.")]
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.INFO
     if quiet:
@@ -81,10 +110,13 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
-def _run(action, interrupted: str = "interrupted; no partial output was written and any existing OUT is unchanged"):
+def _run(action, interrupted: str = "interrupted; no partial output was written and any existing OUT is unchanged",
+         on_mismatch=None):
     try:
         return action()
     except VerificationError as error:
+        if on_mismatch is not None:
+            on_mismatch(error)
         _fail(str(error), EXIT_MISMATCH)
     except UsageError as error:
         _fail(str(error), EXIT_USAGE)
@@ -134,6 +166,14 @@ def merge(
     atol: Atol = None,
     rtol: Rtol = None,
     allow_pickle: AllowPickle = False,
+    output_format: Annotated[str, typer.Option(
+        "--format", help="What to write: safetensors, onnx (the graph only), or safetensors,onnx (graph in OUT/onnx).")
+    ] = "safetensors",
+    no_cache: NoCache = False,
+    opset: Opset = None,
+    onnx_dtype: OnnxDType = ExportDType.float32,
+    external_data: ExternalDataOption = ExternalData.auto,
+    provider: ProviderOption = Provider.auto,
     as_json: AsJson = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -150,6 +190,28 @@ def merge(
     options = MergeOptions(dtype=dtype.value if dtype else None, force=force, allow_pickle=allow_pickle,
                            max_shard_size=max_shard_size, device=device,
                            verify="none" if no_verify else checks.value, atol=atol, rtol=rtol, progress=not quiet and sys.stderr.isatty())
+    from foldkit.merge_export import merge_and_export, parse_formats
+
+    formats = _run(lambda: parse_formats(output_format))
+    if "onnx" in formats:
+        from foldkit.onnx_export import DEFAULT_OPSET, ExportOptions
+
+        export_options = ExportOptions(cache=not no_cache, opset=DEFAULT_OPSET if opset is None else opset,
+                                       dtype=onnx_dtype.value, external_data=external_data.value,
+                                       verify=not no_verify, provider=provider.value)
+        result = _run(lambda: merge_and_export(base, adapter, out, formats, options, export_options),
+                      on_mismatch=lambda error: _export_failure(error, as_json))
+        if as_json:
+            typer.echo(json.dumps(result.to_dict(), indent=2))
+            return
+        typer.echo(f"merged {len(result.merge.folded)} {result.merge.peft_type} modules")
+        _print_verification(result.merge.verification)
+        _print_export(result.export.to_dict(), Path(result.onnx_directory))
+        return
+    if no_cache or opset is not None or onnx_dtype is not ExportDType.float32 or external_data is not ExternalData.auto \
+            or provider is not Provider.auto:
+        _fail("--no-cache, --opset, --onnx-dtype, --external-data and --provider apply to ONNX output; "
+              "add --format onnx or --format safetensors,onnx", EXIT_USAGE)
     report = _run(lambda: run_merge(base, adapter, out, options))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -160,6 +222,73 @@ def merge(
         typer.echo("Error: the merged model's outputs differ from the reference beyond tolerance; "
                    f"the output is kept in {out} and its report says FAILED", err=True)
         raise typer.Exit(EXIT_MISMATCH)
+
+
+def _print_export(report: dict, directory: Path) -> None:
+    files = report["files"]
+    size = sum(files.values())
+    typer.echo(f"exported {report['model_type']} as {report['kind']} (opset {report['opset']}, {report['dtype']}) to "
+               f"{directory} in {report['export_seconds']:.1f} s: {', '.join(files)} ({size / 1e6:.1f} MB)")
+    verification = report["verification"]
+    if verification is None:
+        typer.echo("ONNX Runtime check: NOT VERIFIED (--no-verify)")
+        return
+    typer.echo(f"ONNX Runtime check on {verification['provider']}: {'PASSED' if verification['passed'] else 'FAILED'} "
+               f"(atol {verification['atol']:g} + rtol {verification['rtol']:g} x max|reference|)")
+    for diff in verification["diffs"]:
+        typer.echo(f"  {'ok  ' if diff['passed'] else 'FAIL'} {diff['case']}: {diff['output']}: max abs diff "
+                   f"{diff['max_abs_diff']:.3g}, max rel diff {diff['max_rel_diff']:.3g} (allowed {diff['allowed_abs_diff']:.3g})")
+    greedy = verification["greedy"]
+    if greedy is not None:
+        typer.echo(f"  {'ok  ' if greedy['equal'] else 'FAIL'} greedy generation, prompt {greedy['prompt_shape'][0]} x "
+                   f"{greedy['prompt_shape'][1]} left-padded, {greedy['new_tokens']} new tokens: "
+                   f"{'same tokens as' if greedy['equal'] else 'tokens differ from'} PyTorch's generate")
+
+
+def _export_failure(error: VerificationError, as_json: bool) -> None:
+    report = error.result
+    if as_json and report is not None and hasattr(report, "to_dict"):
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    elif report is not None and getattr(report, "verification", None) and "diffs" in report.verification:
+        _print_export(report.to_dict(), Path("(not written)"))
+    _fail(str(error), EXIT_MISMATCH)
+
+
+@app.command()
+def export(
+    model: Annotated[Path, typer.Argument(metavar="MODEL_DIR", help="Hugging Face model directory (config.json, safetensors).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="Output directory for model.onnx; created atomically.")],
+    output_format: Annotated[str, typer.Option("--format", help="Output format; only onnx.")] = "onnx",
+    no_cache: NoCache = False,
+    opset: Opset = None,
+    onnx_dtype: OnnxDType = ExportDType.float32,
+    external_data: ExternalDataOption = ExternalData.auto,
+    provider: ProviderOption = Provider.auto,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the ONNX Runtime check.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace OUT if it exists and is not empty.")] = False,
+    atol: Atol = None,
+    rtol: Rtol = None,
+    as_json: AsJson = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Export MODEL_DIR to an ONNX graph in OUT and check it in ONNX Runtime against PyTorch; exit 3 on a mismatch.
+
+    Example: foldkit export ./merged ./merged-onnx --format onnx
+    """
+    _setup_logging(quiet, verbose)
+    if output_format.strip().lower() != "onnx":
+        _fail(f"invalid --format {output_format!r} for export; only onnx is supported", EXIT_USAGE)
+    from foldkit.onnx_export import DEFAULT_OPSET, ExportOptions, export as run_export
+
+    options = ExportOptions(cache=not no_cache, opset=DEFAULT_OPSET if opset is None else opset,
+                            dtype=onnx_dtype.value, external_data=external_data.value, verify=not no_verify,
+                            provider=provider.value, atol=atol, rtol=rtol, force=force)
+    report = _run(lambda: run_export(model, out, options), on_mismatch=lambda error: _export_failure(error, as_json))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_export(report.to_dict(), out)
 
 
 @app.command()

@@ -54,7 +54,7 @@ def check_output_path(out: Path, force: bool, inputs: list[Path]) -> None:
         raise OutputError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise OutputError(
-            f"output directory {out} exists and is not empty; pass --force (MergeOptions(force=True)) to replace it"
+            f"output directory {out} exists and is not empty; pass --force (force=True in Python) to replace it"
         )
     if not out.parent.exists():
         raise OutputError(f"parent directory of {out} does not exist: {out.parent}")

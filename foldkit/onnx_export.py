@@ -1,0 +1,286 @@
+"""`foldkit export`: trace a Hugging Face model directory into an ONNX graph, check it in ONNX Runtime, write OUT.
+
+Stages: check the inputs and options, load the model in PyTorch (safetensors only, no remote code), trace
+it with torch.onnx's dynamo exporter, save the graph (weights as external data in one file when they
+pass the 2 GB protobuf limit), check the graph in ONNX Runtime against PyTorch, then rename the staging
+directory to OUT. A mismatch beyond tolerance raises VerificationError and leaves no OUT behind.
+
+The whole model is loaded into memory to be traced: export is not streaming, unlike merge.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from foldkit import __version__
+from foldkit.checkpoint import open_checkpoint
+from foldkit.errors import CheckpointError, InputError, UsageError, VerificationError
+from foldkit.onnx_graphs import KIND_ENCODER, GraphSpec, UnsupportedModelError, graph_kind, graph_spec
+from foldkit.onnx_runtime import PROVIDER_CHOICES, choose_provider, open_session
+from foldkit.output_dir import check_output_path, copy_side_files, staged_directory
+from foldkit.tolerances import EXPORT_TOLERANCES, export_tolerance_for
+
+logger = logging.getLogger(__name__)
+
+GRAPH_FILE = "model.onnx"
+EXPORT_REPORT_FILE = "foldkit_export.json"
+# torch.onnx's dynamo exporter writes opset 18 graphs natively and converts others with onnx's version
+# converter, which cannot take some operators back (Shape-15, Split-18, LayerNormalization-17). Opset 18
+# runs in every ONNX Runtime release since 1.14.
+DEFAULT_OPSET = 18
+MIN_OPSET = 7  # the oldest opset ONNX Runtime runs
+# A protobuf message cannot exceed 2 GiB; the graph itself needs some room beside the weights.
+EXTERNAL_DATA_THRESHOLD = 2**31 - 2**26
+EXTERNAL_DATA_CHOICES = ("auto", "always", "never")
+EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+@dataclass
+class ExportOptions:
+    cache: bool = True  # decoders: past key/value inputs and present outputs; False: logits only
+    opset: int = DEFAULT_OPSET
+    dtype: str = "float32"  # a key of EXPORT_DTYPES
+    external_data: str = "auto"  # auto: only when the weights pass EXTERNAL_DATA_THRESHOLD
+    verify: bool = True
+    provider: str = "auto"  # auto, cpu or cuda: where ONNX Runtime runs the check
+    atol: float | None = None
+    rtol: float | None = None
+    force: bool = False
+    optimize: bool = True  # onnxscript's graph optimiser (constant folding, dead code removal)
+
+
+@dataclass
+class ExportReport:
+    """What `foldkit export` wrote and checked, saved as foldkit_export.json beside the graph."""
+
+    foldkit_version: str
+    model: str
+    model_type: str
+    kind: str
+    opset: int
+    dtype: str
+    inputs: list[str]
+    outputs: list[str]
+    external_data: bool
+    files: dict[str, int] = field(default_factory=dict)  # name -> bytes
+    weight_bytes: int = 0
+    export_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    verification: dict | None = None
+    status: str = "NOT VERIFIED"  # PASSED or NOT VERIFIED; a failed check raises instead
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_export_options(options: ExportOptions) -> None:
+    """Raise UsageError for option values that are invalid whatever the model."""
+    import onnx
+
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= options.opset <= newest:
+        raise UsageError(f"opset {options.opset} is outside what foldkit can export: choose {MIN_OPSET} to "
+                         f"{newest} (the installed onnx's newest); the default is {DEFAULT_OPSET}")
+    if options.dtype not in EXPORT_DTYPES:
+        raise UsageError(f"invalid export dtype {options.dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
+    if options.external_data not in EXTERNAL_DATA_CHOICES:
+        raise UsageError(f"invalid external data choice {options.external_data!r}; choose one of "
+                         f"{', '.join(EXTERNAL_DATA_CHOICES)}")
+    if options.provider not in PROVIDER_CHOICES:
+        raise UsageError(f"invalid provider {options.provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
+
+
+def export(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None) -> ExportReport:
+    """Export MODEL_DIR to OUT atomically and check the graph; return the report.
+
+    Raises VerificationError (OUT not written) when ONNX Runtime's outputs differ beyond tolerance.
+    """
+    options = options or ExportOptions()
+    model_dir, out = Path(model_dir), Path(os.path.abspath(out))
+    check_export_options(options)
+    check_output_path(out, options.force, [model_dir])
+    with staged_directory(out, options.force) as staging:
+        return export_into(model_dir, staging, options)
+
+
+def export_into(model_dir: Path, directory: Path, options: ExportOptions) -> ExportReport:
+    """Export MODEL_DIR into the existing empty `directory` (no staging, no rename)."""
+    check_export_options(options)
+    checkpoint = open_checkpoint(model_dir, role="model")
+    checkpoint.close()
+    config = _load_config(model_dir)
+    kind = graph_kind(config, options.cache)
+    provider = choose_provider(options.provider) if options.verify else None
+    dtype = EXPORT_DTYPES[options.dtype]
+    model = load_model(model_dir, kind, dtype)
+    weight_bytes = unique_weight_bytes(model)
+    external = _use_external_data(options.external_data, weight_bytes)
+    spec = graph_spec(model, kind)
+    report = ExportReport(__version__, str(model_dir), config.model_type, kind, options.opset, options.dtype,
+                          spec.input_names, spec.output_names, external, weight_bytes=weight_bytes)
+    logger.info("exporting %s (%s, %.0f MB of %s weights) to ONNX opset %d; this takes about a minute per "
+                "100M parameters", model_dir, kind, weight_bytes / 1e6, options.dtype, options.opset)
+    start = time.perf_counter()
+    program = trace(spec, options.opset, options.optimize, config.model_type)
+    graph = directory / GRAPH_FILE
+    save_graph(program, graph, external)
+    report.export_seconds = round(time.perf_counter() - start, 2)
+    logger.info("exported in %.1f s", report.export_seconds)
+    (directory / "config.json").write_text((model_dir / "config.json").read_text(encoding="utf-8"), encoding="utf-8")
+    copy_side_files(model_dir, directory)
+    if options.verify:
+        start = time.perf_counter()
+        tolerance = export_tolerance_for(dtype, options.atol, options.rtol)
+        logger.info("checking the graph in ONNX Runtime (%s) against PyTorch", provider)
+        session = open_session(graph, provider)
+        from foldkit.onnx_verify import check_graph
+
+        check = check_graph(session, model, kind, tolerance, provider, spec.cache)
+        del session
+        report.verify_seconds = round(time.perf_counter() - start, 2)
+        report.verification = check.to_dict()
+        if not check.passed:
+            raise VerificationError(
+                f"the ONNX graph's outputs differ from PyTorch's beyond tolerance ({'; '.join(check.failures()[:3])}); "
+                "nothing was written", report)
+        report.status = "PASSED"
+    report.files = {path.name: path.stat().st_size for path in sorted(directory.iterdir()) if path.is_file()}
+    (directory / EXPORT_REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    report.files[EXPORT_REPORT_FILE] = (directory / EXPORT_REPORT_FILE).stat().st_size
+    return report
+
+
+def _load_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnsupportedModelError(f"transformers cannot read {model_dir / 'config.json'}: {first}") from error
+
+
+def load_model(model_dir: Path, kind: str, dtype: torch.dtype) -> torch.nn.Module:
+    """Load the model from safetensors only; raise when any weight would be left at random init."""
+    import transformers
+
+    model_class = transformers.AutoModel if kind == KIND_ENCODER else transformers.AutoModelForCausalLM
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=False, output_loading_info=True)
+    try:
+        model, info = model_class.from_pretrained(str(model_dir), **kwargs)
+        missing = list(info.get("missing_keys") or [])
+        if missing and kind == KIND_ENCODER and all(name.startswith("pooler.") for name in missing):
+            # An encoder saved without its pooler (from a masked-LM or sentence checkpoint): export
+            # last_hidden_state only rather than a randomly initialised pooler.
+            model, info = model_class.from_pretrained(str(model_dir), add_pooling_layer=False, **kwargs)
+            missing = list(info.get("missing_keys") or [])
+    except (OSError, ValueError, RuntimeError) as error:
+        first = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"transformers cannot load {model_dir}: {first}") from error
+    if missing:
+        raise CheckpointError(f"{model_dir} lacks weights {', '.join(sorted(missing)[:3])}"
+                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+                              + ": exporting would write randomly initialised tensors")
+    return model.eval()
+
+
+def unique_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers, counting tied (shared) tensors once."""
+    seen, total = set(), 0
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        key = tensor.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += tensor.untyped_storage().nbytes()
+    return total
+
+
+def _use_external_data(choice: str, weight_bytes: int) -> bool:
+    if choice == "never" and weight_bytes > EXTERNAL_DATA_THRESHOLD:
+        raise UsageError(f"the weights take {weight_bytes / 2**30:.2f} GiB, past the 2 GiB limit of a single ONNX "
+                         "file; use --external-data auto or always")
+    return choice == "always" or (choice == "auto" and weight_bytes > EXTERNAL_DATA_THRESHOLD)
+
+
+def trace(spec: GraphSpec, opset: int, optimize: bool, model_type: str):
+    """Run torch.onnx's dynamo exporter on the spec's wrapper; turn its failures into InputError."""
+    captured = io.StringIO()
+    # The exporter and onnxscript log warnings and tracebacks (a failed opset conversion among them) that
+    # foldkit reports itself; they stay at debug level.
+    quiet_loggers = {name: logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")}
+    levels = {name: quiet.level for name, quiet in quiet_loggers.items()}
+    for quiet in quiet_loggers.values():
+        quiet.setLevel(logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.DEBUG)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(spec.module, spec.example, dynamic_shapes=spec.dynamic_shapes,
+                                     input_names=spec.input_names, output_names=spec.output_names,
+                                     opset_version=opset, dynamo=True, optimize=optimize, verbose=False,
+                                     report=False)
+    except Exception as error:  # the exporter raises many unrelated types; all mean "cannot export"
+        logger.debug("exporter output:\n%s", captured.getvalue())
+        summary = _exporter_summary(error)
+        raise UnsupportedModelError(
+            f"torch.onnx could not export this {model_type} model at opset {opset}: {summary}") from error
+    finally:
+        for name, quiet in quiet_loggers.items():
+            quiet.setLevel(levels[name])
+    written = program.model.opset_imports.get("")
+    if written != opset:
+        raise UnsupportedModelError(f"cannot write this {model_type} graph at opset {opset}: {_conversion_error(program, opset)}")
+    return program
+
+
+def _conversion_error(program, opset: int) -> str:
+    """Why onnx's version converter cannot bring the graph to `opset` (torch.onnx only logs it)."""
+    from onnx import version_converter
+
+    try:
+        version_converter.convert_version(program.model_proto, opset)
+    except Exception as error:  # the converter raises RuntimeError with a C++ assertion text
+        found = re.search(r"From Version \$?(\d+) for (\w+)", str(error))
+        if found:
+            return (f"the graph uses the {found.group(2)} operator of opset {found.group(1)}, which has no "
+                    f"equivalent in opset {opset}; choose --opset {DEFAULT_OPSET} or newer")
+        found = re.search(r"No Previous Version of (\w+)", str(error))
+        if found:
+            return (f"the graph uses the {found.group(1)} operator, which opset {opset} does not have; choose "
+                    f"--opset {DEFAULT_OPSET} or newer")
+        return f"onnx's version converter failed ({str(error).splitlines()[0][:200]}); choose --opset {DEFAULT_OPSET} or newer"
+    return f"torch.onnx could not convert its opset {DEFAULT_OPSET} graph; choose --opset {DEFAULT_OPSET} or newer"
+
+
+def _exporter_summary(error: Exception) -> str:
+    """The most specific line of an exporter error (it wraps the cause in long reports)."""
+    cause = error
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[0] if lines else 'no message'}"[:400]
+
+
+def save_graph(program, path: Path, external: bool) -> None:
+    """Save the graph; with `external`, every weight goes to one PATH.data file beside it."""
+    try:
+        program.save(str(path), external_data=external)
+    except OSError:
+        raise  # the staging directory turns it into OutputError
+    except Exception as error:  # onnx/protobuf serialisation errors, such as a graph over 2 GiB
+        raise InputError(f"cannot save the ONNX graph to {path}: {_exporter_summary(error)}") from error
+    if not external:
+        data = path.with_name(path.name + ".data")
+        if data.exists() and data.stat().st_size == 0:
+            data.unlink()
+

@@ -1,0 +1,233 @@
+"""Check an exported graph in ONNX Runtime against the PyTorch model it came from, on several shapes.
+
+The reference is the plain transformers model called the usual way (2D attention mask, DynamicCache),
+not the wrapper that was traced, so the check also covers foldkit's own mask building. Compared: logits
+at real (non-padding) positions, present keys and values at real key positions, and encoder outputs.
+Decoders with a cache also generate greedily in both runtimes; the tokens must be equal.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from foldkit.onnx_generate import greedy_generate
+from foldkit.onnx_graphs import KIND_CACHE, KIND_ENCODER, KIND_LOGITS, CacheShape
+from foldkit.tolerances import Tolerance
+
+logger = logging.getLogger(__name__)
+
+SEED = 0
+GREEDY_PROMPT = 12
+GREEDY_NEW_TOKENS = 8
+
+
+@dataclass
+class OutputDiff:
+    case: str
+    output: str
+    max_abs_diff: float
+    max_rel_diff: float  # max_abs_diff / max|reference|
+    allowed_abs_diff: float  # atol + rtol * max|reference|
+    passed: bool
+
+
+@dataclass
+class GraphCheck:
+    provider: str
+    atol: float
+    rtol: float
+    diffs: list[OutputDiff] = field(default_factory=list)
+    greedy: dict | None = None  # prompt shape, tokens from each runtime, equal
+
+    @property
+    def passed(self) -> bool:
+        return all(diff.passed for diff in self.diffs) and (self.greedy is None or self.greedy["equal"])
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, **asdict(self)}
+
+    def failures(self) -> list[str]:
+        lines = [f"{diff.output} on {diff.case}: max abs diff {diff.max_abs_diff:.3g} > allowed "
+                 f"{diff.allowed_abs_diff:.3g}" for diff in self.diffs if not diff.passed]
+        if self.greedy is not None and not self.greedy["equal"]:
+            lines.append("greedy tokens differ from PyTorch's generate")
+        return lines
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    tokens: int
+    left_padding: tuple[int, ...] = ()  # padding tokens at the start of each row
+    right_padding: tuple[int, ...] = ()
+    continues: bool = False  # feed the previous case's cache as the past
+
+
+def _cases(kind: str, long: int) -> list[Case]:
+    if kind == KIND_ENCODER:
+        return [Case("batch 1, 8 tokens", 1, 8),
+                Case("batch 2, 32 tokens, left-padded", 2, 32, left_padding=(7, 0)),
+                Case("batch 2, 32 tokens, right-padded", 2, 32, right_padding=(0, 9)),
+                Case(f"batch 2, {long} tokens", 2, long)]
+    cases = [Case("batch 1, 8 tokens", 1, 8),
+             Case(f"batch 1, {long} tokens", 1, long),
+             Case("batch 2, 32 tokens, left-padded", 2, 32, left_padding=(7, 0))]
+    if kind == KIND_LOGITS:
+        return cases + [Case(f"batch 2, {long} tokens, left-padded", 2, long, left_padding=(0, 11))]
+    return cases + [Case("batch 2, 1 token after 32 past, left-padded", 2, 1, continues=True),
+                    Case("batch 2, 4 tokens after 33 past, left-padded", 2, 4, continues=True)]
+
+
+def _long_length(config) -> int:
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
+    return max(16, min(128, limit - 16))
+
+
+def _compare(check: GraphCheck, tolerance: Tolerance, case: str, output: str, got: np.ndarray,
+             reference: torch.Tensor, select: torch.Tensor | None = None) -> None:
+    reference = reference.detach().float()
+    got_tensor = torch.from_numpy(np.asarray(got)).float()
+    if select is not None:
+        reference, got_tensor = reference[select], got_tensor[select]
+    if got_tensor.shape != reference.shape:
+        check.diffs.append(OutputDiff(case, output, float("inf"), float("inf"), 0.0, False))
+        return
+    scale = reference.abs().max().item() if reference.numel() else 0.0
+    diff = (got_tensor - reference).abs().max().item() if reference.numel() else 0.0
+    allowed = tolerance.atol + tolerance.rtol * scale
+    passed = bool(np.isfinite(diff) and diff <= allowed)
+    check.diffs.append(OutputDiff(case, output, diff, diff / scale if scale else diff, allowed, passed))
+
+
+def _mask(case: Case, past: torch.Tensor | None) -> torch.Tensor:
+    mask = torch.ones(case.batch, case.tokens, dtype=torch.long)
+    for row, count in enumerate(case.left_padding):
+        mask[row, :count] = 0
+    for row, count in enumerate(case.right_padding):
+        if count:
+            mask[row, -count:] = 0
+    return mask if past is None else torch.cat([past, mask], dim=1)
+
+
+def _positions(mask: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Position of each new token: count of real tokens before it (padding gets 0, as generate does)."""
+    return (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -tokens:]
+
+
+@torch.no_grad()
+def check_graph(session, model: torch.nn.Module, kind: str, tolerance: Tolerance, provider: str,
+                cache: CacheShape | None = None) -> GraphCheck:
+    """Run every case in ONNX Runtime and in PyTorch and compare each output against `tolerance`."""
+    check = GraphCheck(provider, tolerance.atol, tolerance.rtol)
+    generator = torch.Generator().manual_seed(SEED)
+    vocab = model.config.vocab_size
+    names = {node.name for node in session.get_inputs()}
+    outputs = [node.name for node in session.get_outputs()]
+    previous_mask, previous_cache = None, None
+    for case in _cases(kind, _long_length(model.config)):
+        input_ids = torch.randint(0, vocab, (case.batch, case.tokens), generator=generator)
+        mask = _mask(case, previous_mask if case.continues else None)
+        logger.debug("checking %s", case.name)
+        if kind == KIND_ENCODER:
+            feeds = {"input_ids": input_ids, "attention_mask": mask}
+            if "token_type_ids" in names:
+                feeds["token_type_ids"] = torch.zeros_like(input_ids)
+            reference = model(**feeds)
+            got = session.run(outputs, _numpy(feeds))
+            _compare(check, tolerance, case.name, "last_hidden_state", got[0], reference.last_hidden_state)
+            if "pooler_output" in outputs:
+                _compare(check, tolerance, case.name, "pooler_output", got[1], reference.pooler_output)
+            continue
+        positions = _positions(mask, case.tokens)
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+        real = mask[:, -case.tokens:].bool()
+        if kind == KIND_LOGITS:
+            reference = model(**feeds, use_cache=False)
+            got = session.run(outputs, _numpy(feeds))
+            _compare(check, tolerance, case.name, "logits", got[0], reference.logits, real)
+            continue
+        past = previous_cache if case.continues else None
+        past_tensors = _past_tensors(past, cache, case.batch, model)
+        for index, tensor in enumerate(past_tensors):
+            feeds[f"past_key_values.{index // 2}.{'key' if index % 2 == 0 else 'value'}"] = tensor
+        reference = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                          cache=_dynamic_cache(past_tensors, model), use_cache=True)
+        got = session.run(outputs, _numpy(feeds))
+        _compare(check, tolerance, case.name, "logits", got[0], reference.logits, real)
+        present = _flatten(reference.past_key_values)
+        key_real = mask.bool()
+        worst = None
+        for name, got_tensor, reference_tensor in zip(outputs[1:], got[1:], present):
+            # batch x heads x length x head_dim -> the real key positions of every head.
+            select = key_real[:, None, :].expand(-1, reference_tensor.shape[1], -1)
+            before = len(check.diffs)
+            _compare(check, tolerance, case.name, name, got_tensor, reference_tensor, select)
+            diff = check.diffs.pop(before)
+            if worst is None or diff.max_abs_diff - diff.allowed_abs_diff > worst.max_abs_diff - worst.allowed_abs_diff:
+                worst = diff
+        worst.output = f"present (worst of {len(present)}: {worst.output})"
+        check.diffs.append(worst)
+        previous_mask, previous_cache = mask, present
+    if kind == KIND_CACHE:
+        check.greedy = _check_greedy(session, model, cache, generator)
+    return check
+
+
+def _numpy(feeds: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: tensor.numpy() for name, tensor in feeds.items()}
+
+
+def _flatten(cache) -> list[torch.Tensor]:
+    tensors = []
+    for layer in cache.layers:
+        tensors += [layer.keys, layer.values]
+    return tensors
+
+
+def _past_tensors(past: list[torch.Tensor] | None, cache: CacheShape, batch: int, model) -> list[torch.Tensor]:
+    if past is not None:
+        return [tensor.clone() for tensor in past]
+    dtype = model.get_input_embeddings().weight.dtype
+    return [torch.zeros(batch, cache.heads, 0, cache.head_dim, dtype=dtype) for _ in range(2 * cache.layers)]
+
+
+def _dynamic_cache(tensors: list[torch.Tensor], model) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    if tensors[0].shape[2]:
+        for layer in range(len(tensors) // 2):
+            cache.update(tensors[2 * layer].clone(), tensors[2 * layer + 1].clone(), layer)
+    return cache
+
+
+def _check_greedy(session, model, cache: CacheShape, generator: torch.Generator) -> dict:
+    """Generate greedily from a left-padded batch in both runtimes; the tokens must be equal."""
+    input_ids = torch.randint(0, model.config.vocab_size, (2, GREEDY_PROMPT), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[0, :4] = 0
+    eos, pad = generation_ids(model)
+    reference = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=GREEDY_NEW_TOKENS,
+                               do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
+    reference = reference[:, GREEDY_PROMPT:].numpy()
+    got = greedy_generate(session, input_ids.numpy(), mask.numpy(), GREEDY_NEW_TOKENS, eos, pad, cache)
+    # generate stops early when every row has ended; the ONNX loop then has only padding left.
+    got = got[:, :reference.shape[1]]
+    return {"prompt_shape": list(input_ids.shape), "new_tokens": GREEDY_NEW_TOKENS,
+            "pytorch": reference.tolist(), "onnxruntime": got.tolist(), "equal": bool(np.array_equal(got, reference))}
+
+
+def generation_ids(model) -> tuple[list[int] | None, int]:
+    """Return (eos ids, pad id) as generate would use them for this model."""
+    config = getattr(model, "generation_config", None) or model.config
+    eos = getattr(config, "eos_token_id", None)
+    if isinstance(eos, int):
+        eos = [eos]
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = eos[0] if eos else 0
+    return eos, pad
