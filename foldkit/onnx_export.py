@@ -57,7 +57,10 @@ class ExportOptions:
     atol: float | None = None
     rtol: float | None = None
     force: bool = False
-    optimize: bool = True  # onnxscript's graph optimiser (constant folding, dead code removal)
+    # onnxscript's graph optimiser. Off: its constant folding stores a transposed copy of a tied embedding
+    # as a second weight (seen on tiny Llama and Gemma), and it adds a third to SmolLM2's export time.
+    # ONNX Runtime folds constants itself when it opens the graph.
+    optimize: bool = False
 
 
 @dataclass
