@@ -15,7 +15,8 @@ from pathlib import Path
 
 from foldkit.errors import OutputError, UsageError, VerificationError
 from foldkit.merge import MergeOptions, merge
-from foldkit.onnx_export import ExportOptions, ExportReport, check_export_options, export, export_into
+from foldkit.onnx_export import ExportOptions, ExportReport, check_export_options, export, export_into, read_config
+from foldkit.onnx_graphs import graph_kind
 from foldkit.output_dir import check_output_path, staged_directory
 from foldkit.report import MergeReport
 
@@ -50,6 +51,10 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, for
         raise UsageError("merge_and_export needs onnx among the formats; call merge for safetensors alone")
     check_export_options(export_options)
     check_output_path(out, merge_options.force, [base, adapter])
+    # Refuse a model family the exporter cannot handle before spending the merge on it. A missing config
+    # is left to merge, which names it with the other base checks.
+    if (base / "config.json").is_file():
+        graph_kind(read_config(base), export_options.cache)
     try:
         work = Path(tempfile.mkdtemp(prefix=f".{out.name}.foldkit-merged-", dir=out.parent))
     except OSError as error:

@@ -15,7 +15,6 @@ import io
 import json
 import logging
 import os
-import re
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -122,7 +121,7 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions) -> Exp
     check_export_options(options)
     checkpoint = open_checkpoint(model_dir, role="model")
     checkpoint.close()
-    config = _load_config(model_dir)
+    config = read_config(model_dir)
     kind = graph_kind(config, options.cache)
     provider = choose_provider(options.provider) if options.verify else None
     dtype = EXPORT_DTYPES[options.dtype]
@@ -164,7 +163,8 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions) -> Exp
     return report
 
 
-def _load_config(model_dir: Path):
+def read_config(model_dir: Path):
+    """Read config.json with transformers (no remote code); raise UnsupportedModelError when it cannot."""
     from transformers import AutoConfig
 
     try:
@@ -247,22 +247,30 @@ def trace(spec: GraphSpec, opset: int, optimize: bool, model_type: str):
 
 
 def _conversion_error(program, opset: int) -> str:
-    """Why onnx's version converter cannot bring the graph to `opset` (torch.onnx only logs it)."""
-    from onnx import version_converter
+    """Why the graph is not at `opset`: torch.onnx only logs its converter's failure."""
+    import onnx
 
-    try:
-        version_converter.convert_version(program.model_proto, opset)
-    except Exception as error:  # the converter raises RuntimeError with a C++ assertion text
-        found = re.search(r"From Version \$?(\d+) for (\w+)", str(error))
-        if found:
-            return (f"the graph uses the {found.group(2)} operator of opset {found.group(1)}, which has no "
-                    f"equivalent in opset {opset}; choose --opset {DEFAULT_OPSET} or newer")
-        found = re.search(r"No Previous Version of (\w+)", str(error))
-        if found:
-            return (f"the graph uses the {found.group(1)} operator, which opset {opset} does not have; choose "
-                    f"--opset {DEFAULT_OPSET} or newer")
-        return f"onnx's version converter failed ({str(error).splitlines()[0][:200]}); choose --opset {DEFAULT_OPSET} or newer"
-    return f"torch.onnx could not convert its opset {DEFAULT_OPSET} graph; choose --opset {DEFAULT_OPSET} or newer"
+    absent, newer = set(), {}
+    for node in program.model.graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        try:
+            onnx.defs.get_schema(node.op_type, opset)
+        except onnx.defs.SchemaError:
+            absent.add(node.op_type)
+            continue
+        since = onnx.defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
+        if since > opset:
+            newer[node.op_type] = since
+    hint = f"choose --opset {DEFAULT_OPSET} or newer"
+    if absent:
+        return f"the graph uses {', '.join(sorted(absent))}, which opset {opset} does not have; {hint}"
+    if newer:
+        latest = sorted(newer.items(), key=lambda item: (-item[1], item[0]))[:4]
+        listed = ", ".join(f"{name}-{since}" for name, since in latest)
+        more = f" and {len(newer) - len(latest)} more" if len(newer) > len(latest) else ""
+        return f"onnx's version converter cannot rewrite operators newer than opset {opset} ({listed}{more}); {hint}"
+    return f"torch.onnx could not convert its opset {DEFAULT_OPSET} graph; {hint}"
 
 
 def _exporter_summary(error: Exception) -> str:

@@ -1,0 +1,241 @@
+"""Bad inputs and failed checks for foldkit export and merge --format onnx.
+
+Each must end with one "Error: " line naming the problem and the documented exit code, leave no OUT and
+no staging or temporary merge directory, and leave the model directory unchanged.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+import transformers
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import foldkit.onnx_export
+import foldkit.onnx_graphs
+import foldkit.onnx_runtime
+from foldkit.cli import app
+from foldkit.onnx_export import ExportOptions, export
+from foldkit.onnx_runtime import open_session
+from foldkit.onnx_verify import check_graph
+from foldkit.tolerances import EXPORT_TOLERANCES
+from tiny_models import VOCAB_SIZE, load_base, save_peft_adapter, save_tiny_base
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_MISMATCH = 1, 2, 3
+runner = CliRunner()
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {str(path.relative_to(directory)): hashlib.sha256(path.read_bytes()).hexdigest()
+            for path in sorted(directory.rglob("*")) if path.is_file()}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return save_tiny_base("llama", tmp_path_factory.mktemp("onnx-errors") / "base", 41, with_tokenizer=True)
+
+
+def run_export(args: list[str], workdir: Path, code: int, *needles: str, model: Path | None = None):
+    """Run foldkit export; check the exit code, the one-line error, and that nothing was left in workdir."""
+    before = digest(model) if model is not None else None
+    entries = set(workdir.iterdir())
+    result = runner.invoke(app, ["export", *args])
+    assert result.exit_code == code, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.stderr
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    assert "Traceback" not in result.output
+    assert set(workdir.iterdir()) == entries, "a half-written or temporary directory was left behind"
+    if model is not None:
+        assert digest(model) == before
+    return errors[0]
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    config = transformers.GPTNeoXConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    run_export([str(tmp_path / "neox"), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "gpt_neox",
+               "GPTNeoXForCausalLM", "llama", model=tmp_path / "neox")
+
+
+def test_sliding_window_decoder_is_refused(tmp_path):
+    config = transformers.MistralConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    run_export([str(tmp_path / "mistral"), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "sliding", "mistral")
+
+
+def test_decoder_without_lm_head_is_refused(tmp_path):
+    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    transformers.LlamaModel(config).save_pretrained(tmp_path / "trunk")
+    run_export([str(tmp_path / "trunk"), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "LlamaModel", "ForCausalLM")
+
+
+def test_directory_without_weights(tmp_path, base):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text((base.directory / "config.json").read_text())
+    run_export([str(tmp_path / "empty"), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "no weights",
+               model=tmp_path / "empty")
+    run_export([str(tmp_path / "missing"), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "not found")
+
+
+def test_pickled_weights_are_not_loaded(tmp_path, base):
+    model_dir = tmp_path / "pickled"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text((base.directory / "config.json").read_text())
+    torch.save(load_base(base).state_dict(), model_dir / "pytorch_model.bin")
+    run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "pickled", model=model_dir)
+
+
+def test_checkpoint_missing_a_weight_is_refused(tmp_path, base):
+    model_dir = tmp_path / "partial"
+    load_base(base).save_pretrained(model_dir)
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "lacks weights", "up_proj",
+               model=model_dir)
+
+
+def test_output_problems(tmp_path, base):
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "keep.txt").write_text("keep")
+    run_export([str(base.directory), str(tmp_path / "busy")], tmp_path, EXIT_FAILURE, "not empty", "--force")
+    assert (tmp_path / "busy" / "keep.txt").read_text() == "keep"
+    (tmp_path / "file").write_text("x")
+    run_export([str(base.directory), str(tmp_path / "file")], tmp_path, EXIT_FAILURE, "not a directory")
+    run_export([str(base.directory), str(tmp_path / "no" / "such" / "out")], tmp_path, EXIT_FAILURE, "does not exist")
+    run_export([str(base.directory), str(base.directory / "onnx")], tmp_path, EXIT_FAILURE, "overlaps")
+
+
+def test_disk_full_while_saving_leaves_nothing(tmp_path, base, monkeypatch):
+    def full(program, path, external):
+        path.write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(foldkit.onnx_export, "save_graph", full)
+    run_export([str(base.directory), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "No space left", "nothing was written")
+
+
+def test_opset_choices(tmp_path, base):
+    run_export([str(base.directory), str(tmp_path / "out"), "--opset", "12"], tmp_path, EXIT_FAILURE,
+               "opset 12", "operator", "--opset 18")
+    run_export([str(base.directory), str(tmp_path / "out"), "--opset", "3"], tmp_path, EXIT_USAGE, "opset 3")
+    run_export([str(base.directory), str(tmp_path / "out"), "--opset", "999"], tmp_path, EXIT_USAGE, "opset 999")
+
+
+def test_usage_errors(tmp_path, base):
+    run_export([str(base.directory), str(tmp_path / "out"), "--format", "tflite"], tmp_path, EXIT_USAGE, "tflite")
+    run_export([str(base.directory), str(tmp_path / "out"), "--provider", "cuda"], tmp_path, EXIT_USAGE,
+               "CUDAExecutionProvider", "foldkit[gpu]")
+
+
+def test_runtime_problems_are_explained(tmp_path, base, monkeypatch):
+    monkeypatch.setattr(foldkit.onnx_runtime, "installed_runtimes", lambda: ["onnxruntime", "onnxruntime-gpu"])
+    run_export([str(base.directory), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "both onnxruntime and onnxruntime-gpu")
+    monkeypatch.setattr(foldkit.onnx_runtime, "installed_runtimes", lambda: [])
+    monkeypatch.setitem(__import__("sys").modules, "onnxruntime", None)
+    run_export([str(base.directory), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "foldkit[cpu]")
+    # Without the check, export needs no runtime at all.
+    result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "unchecked"), "--no-verify"])
+    assert result.exit_code == 0, result.output
+    assert "NOT VERIFIED" in result.stdout and (tmp_path / "unchecked" / "model.onnx").is_file()
+
+
+# --- A graph that computes something else must be caught ----------------------------------------
+
+
+def scale_one_weight(path: Path, factor: float) -> str:
+    graph = onnx.load(str(path))
+    target = next(init for init in graph.graph.initializer if "layers.1.mlp.down_proj" in init.name)
+    array = onnx.numpy_helper.to_array(target) * factor
+    target.CopyFrom(onnx.numpy_helper.from_array(array.astype(array.dtype), target.name))
+    onnx.save(graph, str(path))
+    return target.name
+
+
+def test_check_catches_a_changed_weight(tmp_path, base):
+    export(base.directory, tmp_path / "onnx", ExportOptions(verify=False))
+    scale_one_weight(tmp_path / "onnx" / "model.onnx", 1.02)
+    session = open_session(tmp_path / "onnx" / "model.onnx", "CPUExecutionProvider")
+    model = load_base(base)
+    from foldkit.onnx_graphs import cache_shape
+
+    check = check_graph(session, model, "decoder-with-cache", EXPORT_TOLERANCES[torch.float32],
+                        "CPUExecutionProvider", cache_shape(model))
+    assert not check.passed
+    assert all(not diff.passed for diff in check.diffs if diff.output == "logits")
+
+
+def test_cli_refuses_a_broken_graph_with_the_mismatch_code(tmp_path, base, monkeypatch):
+    save = foldkit.onnx_export.save_graph
+
+    def save_then_break(program, path, external):
+        save(program, path, external)
+        scale_one_weight(path, 1.02)
+
+    monkeypatch.setattr(foldkit.onnx_export, "save_graph", save_then_break)
+    error = run_export([str(base.directory), str(tmp_path / "out")], tmp_path, EXIT_MISMATCH, "differ",
+                       "nothing was written", model=base.directory)
+    assert "logits" in error
+    result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "out"), "--json"])
+    assert result.exit_code == EXIT_MISMATCH and '"passed": false' in result.stdout
+
+
+def test_check_catches_a_mask_that_ignores_padding(tmp_path, base, monkeypatch):
+    """The bug that transformers' own mask logic showed under tracing: padding ignored. Unpadded cases pass."""
+    original = foldkit.onnx_graphs.additive_causal_mask
+
+    def causal_only(attention_mask, sequence, dtype):
+        return original(torch.ones_like(attention_mask), sequence, dtype)
+
+    monkeypatch.setattr(foldkit.onnx_graphs, "additive_causal_mask", causal_only)
+    with pytest.raises(foldkit.errors.VerificationError) as caught:
+        export(base.directory, tmp_path / "out")
+    diffs = caught.value.result.verification["diffs"]
+    assert all(diff["passed"] for diff in diffs if "padded" not in diff["case"])
+    assert not all(diff["passed"] for diff in diffs if "padded" in diff["case"])
+    assert not (tmp_path / "out").exists()
+
+
+# --- merge --format onnx ----------------------------------------------------------------------
+
+
+def test_merge_format_errors_leave_nothing(tmp_path, base):
+    adapter = save_peft_adapter(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                                tmp_path / "adapter", seed=1)
+    inputs = digest(base.directory), digest(adapter)
+    entries = set(tmp_path.iterdir())
+    for args, code, needle in [
+        (["--format", "pdf"], EXIT_USAGE, "pdf"),
+        (["--opset", "20"], EXIT_USAGE, "--format onnx"),
+        (["--format", "onnx", "--opset", "12"], EXIT_FAILURE, "operator"),
+    ]:
+        result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(tmp_path / "out"), *args])
+        assert result.exit_code == code, result.output
+        assert needle in result.stderr and "Traceback" not in result.output
+        assert set(tmp_path.iterdir()) == entries
+    assert (digest(base.directory), digest(adapter)) == inputs
+
+
+def test_merge_format_onnx_refuses_an_unsupported_family_before_merging(tmp_path):
+    config = transformers.GPTNeoXConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
+                                        num_hidden_layers=1, num_attention_heads=4)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    (tmp_path / "adapter").mkdir()
+    result = runner.invoke(app, ["merge", str(tmp_path / "neox"), str(tmp_path / "adapter"), str(tmp_path / "out"),
+                                 "--format", "onnx"])
+    assert result.exit_code == EXIT_FAILURE and "gpt_neox" in result.stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "neox"]
+    assert not os.listdir(tmp_path / "adapter")
