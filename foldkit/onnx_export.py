@@ -264,7 +264,7 @@ def _conversion_error(program, opset: int) -> str:
             newer[node.op_type] = since
     hint = f"choose --opset {DEFAULT_OPSET} or newer"
     if absent:
-        return f"the graph uses {', '.join(sorted(absent))}, which opset {opset} does not have; {hint}"
+        return f"the graph uses the operators {', '.join(sorted(absent))}, which opset {opset} does not have; {hint}"
     if newer:
         latest = sorted(newer.items(), key=lambda item: (-item[1], item[0]))[:4]
         listed = ", ".join(f"{name}-{since}" for name, since in latest)
