@@ -1,10 +1,12 @@
-"""Greedy-decode a few tokens from a model directory with transformers alone, and print the new text.
+"""Greedy-decode a few tokens from a model directory, and print the new text.
 
 Usage:
     python examples/generate.py MODEL_DIR --prompt "What is the capital of France?" --max-new-tokens 20
 
-The prompt goes through the tokenizer's chat template when the tokenizer has one. Loading uses only
-the directory's own files, so it also shows that a merged model is a plain transformers model.
+The prompt goes through the tokenizer's chat template when the tokenizer has one. A directory with
+model.onnx (from foldkit export) runs in ONNX Runtime with foldkit's greedy loop; any other runs in
+transformers. Loading uses only the directory's own files, so it also shows that a merged model is a
+plain transformers model.
 """
 
 from __future__ import annotations
@@ -14,13 +16,14 @@ import sys
 from pathlib import Path
 
 
-def generate(model_dir: Path, prompt: str, max_new_tokens: int = 20) -> str:
+def generate(model_dir: Path, prompt: str, max_new_tokens: int = 20, dtype: str | None = None) -> str:
     """Return the text that greedy decoding appends to PROMPT, without special tokens."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)  # in the dtype stored in config.json
+    # In the dtype stored in config.json unless `dtype` is given.
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **({"dtype": getattr(torch, dtype)} if dtype else {}))
     model.eval()
 
     if tokenizer.chat_template:
@@ -38,11 +41,42 @@ def generate(model_dir: Path, prompt: str, max_new_tokens: int = 20) -> str:
     return tokenizer.decode(new_tokens, skip_special_tokens=True)
 
 
+def generate_onnx(model_dir: Path, prompt: str, max_new_tokens: int = 20) -> str:
+    """Greedy decoding with the exported graph in ONNX Runtime; same prompt handling as generate()."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from foldkit.onnx_generate import greedy_generate
+    from foldkit.onnx_graphs import CacheShape
+    from foldkit.onnx_runtime import open_session
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.chat_template:
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_tensors="np", return_dict=True)
+    else:
+        inputs = tokenizer(prompt, return_tensors="np")
+    session = open_session(model_dir / "model.onnx", "CPUExecutionProvider")
+    past = session.get_inputs()[3].shape  # batch x heads x past x head_dim
+    layers = (len(session.get_inputs()) - 3) // 2
+    generation = json.loads((model_dir / "generation_config.json").read_text()) \
+        if (model_dir / "generation_config.json").is_file() else {}
+    eos = generation.get("eos_token_id", tokenizer.eos_token_id)
+    eos = [eos] if isinstance(eos, int) else eos
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokens = greedy_generate(session, inputs["input_ids"], inputs["attention_mask"], max_new_tokens, eos, pad,
+                             CacheShape(layers, past[1], past[3]))
+    return tokenizer.decode(tokens[0], skip_special_tokens=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Greedy-decode from a Hugging Face causal LM directory.")
     parser.add_argument("model_dir", type=Path, help="Model directory with config.json, weights and tokenizer files.")
     parser.add_argument("--prompt", required=True, help="User message; wrapped in the chat template if the tokenizer has one.")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="Number of tokens to generate at most (default: 20).")
+    parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                        help="Run transformers in this dtype (default: as stored). An ONNX graph runs in its own dtype.")
     args = parser.parse_args(argv)
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -54,7 +88,10 @@ def main(argv: list[str] | None = None) -> int:
 
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    print(generate(args.model_dir, args.prompt, args.max_new_tokens))
+    if (args.model_dir / "model.onnx").is_file():
+        print(generate_onnx(args.model_dir, args.prompt, args.max_new_tokens))
+    else:
+        print(generate(args.model_dir, args.prompt, args.max_new_tokens, args.dtype))
     return 0
 
 

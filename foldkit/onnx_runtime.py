@@ -1,8 +1,8 @@
 """Find the installed ONNX Runtime build and open inference sessions on the right execution provider.
 
 foldkit[cpu] installs onnxruntime and foldkit[gpu] installs onnxruntime-gpu. Both ship the same
-`onnxruntime` import package, so with both installed one silently overwrites the other's files; foldkit
-refuses to run in that state rather than verify on a runtime it did not choose.
+`onnxruntime` import package, so with both installed one silently overwrites the other's files. foldkit
+raises an error in that state rather than check a graph on a runtime it did not choose.
 """
 
 from __future__ import annotations
@@ -65,12 +65,17 @@ def choose_provider(requested: str = "auto") -> str:
     return provider
 
 
-def open_session(path: Path, provider: str, threads: int | None = None):
-    """Open an inference session with all graph optimisations on `provider`; raise if it fell back."""
+def open_session(path: Path, provider: str, threads: int | None = None, fallback: bool = False):
+    """Open an inference session with all graph optimisations on `provider`.
+
+    onnxruntime-gpu lists CUDAExecutionProvider even on a machine without a GPU, and then opens the
+    session on the CPU. With `fallback` (provider auto) that is logged; without it, it raises.
+    NOTE: the CUDA execution provider path has not run on a GPU yet; only CPU sessions are tested.
+    """
     runtime = import_runtime()
     options = runtime.SessionOptions()
     options.graph_optimization_level = runtime.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3  # errors only; ORT's warnings go to stderr otherwise
+    options.log_severity_level = 3  # errors only, because ONNX Runtime prints its warnings on stderr
     if threads:
         options.intra_op_num_threads = threads
     providers = [provider] if provider == PROVIDERS["cpu"] else [provider, PROVIDERS["cpu"]]
@@ -78,6 +83,10 @@ def open_session(path: Path, provider: str, threads: int | None = None):
         session = runtime.InferenceSession(str(path), options, providers=providers)
     except Exception as error:  # onnxruntime raises its own exception types for invalid graphs
         raise InputError(f"ONNX Runtime cannot load {path}: {str(error).splitlines()[0]}") from error
-    if session.get_providers()[0] != provider:
-        raise InputError(f"ONNX Runtime opened {path} on {session.get_providers()[0]} instead of {provider}")
+    used = session.get_providers()[0]
+    if used != provider:
+        if not fallback:
+            raise InputError(f"ONNX Runtime opened {path} on {used} instead of {provider}: is a GPU visible "
+                             "(CUDA_VISIBLE_DEVICES) and are CUDA and cuDNN installed? Use --provider cpu to check on the CPU")
+        logger.warning("ONNX Runtime could not use %s and checks the graph on %s instead", provider, used)
     return session

@@ -60,7 +60,7 @@ def run_export(args: list[str], workdir: Path, code: int, *needles: str, model: 
     return errors[0]
 
 
-def test_unsupported_architecture_is_named(tmp_path):
+def test_unsupported_family_is_named(tmp_path):
     config = transformers.GPTNeoXConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=1, num_attention_heads=4)
     transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
@@ -68,14 +68,14 @@ def test_unsupported_architecture_is_named(tmp_path):
                "GPTNeoXForCausalLM", "llama", model=tmp_path / "neox")
 
 
-def test_sliding_window_decoder_is_refused(tmp_path):
+def test_sliding_window_is_rejected(tmp_path):
     config = transformers.MistralConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                         num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
     transformers.MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
     run_export([str(tmp_path / "mistral"), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "sliding", "mistral")
 
 
-def test_decoder_without_lm_head_is_refused(tmp_path):
+def test_decoder_without_head_is_rejected(tmp_path):
     config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=4, num_key_value_heads=2)
     transformers.LlamaModel(config).save_pretrained(tmp_path / "trunk")
@@ -98,7 +98,7 @@ def test_pickled_weights_are_not_loaded(tmp_path, base):
     run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "pickled", model=model_dir)
 
 
-def test_checkpoint_missing_a_weight_is_refused(tmp_path, base):
+def test_missing_weight_is_rejected(tmp_path, base):
     model_dir = tmp_path / "partial"
     load_base(base).save_pretrained(model_dir)
     tensors = load_file(str(model_dir / "model.safetensors"))
@@ -119,7 +119,7 @@ def test_output_problems(tmp_path, base):
     run_export([str(base.directory), str(base.directory / "onnx")], tmp_path, EXIT_FAILURE, "overlaps")
 
 
-def test_disk_full_while_saving_leaves_nothing(tmp_path, base, monkeypatch):
+def test_disk_full_leaves_nothing(tmp_path, base, monkeypatch):
     def full(program, path, external):
         path.write_bytes(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -178,7 +178,7 @@ def test_check_catches_a_changed_weight(tmp_path, base):
     assert all(not diff.passed for diff in check.diffs if diff.output == "logits")
 
 
-def test_cli_refuses_a_broken_graph_with_the_mismatch_code(tmp_path, base, monkeypatch):
+def test_cli_broken_graph_exits_3(tmp_path, base, monkeypatch):
     save = foldkit.onnx_export.save_graph
 
     def save_then_break(program, path, external):
@@ -193,7 +193,7 @@ def test_cli_refuses_a_broken_graph_with_the_mismatch_code(tmp_path, base, monke
     assert result.exit_code == EXIT_MISMATCH and '"passed": false' in result.stdout
 
 
-def test_check_catches_a_mask_that_ignores_padding(tmp_path, base, monkeypatch):
+def test_check_catches_padding_ignored(tmp_path, base, monkeypatch):
     """The bug that transformers' own mask logic showed under tracing: padding ignored. Unpadded cases pass."""
     original = foldkit.onnx_graphs.additive_causal_mask
 
@@ -229,7 +229,7 @@ def test_merge_format_errors_leave_nothing(tmp_path, base):
     assert (digest(base.directory), digest(adapter)) == inputs
 
 
-def test_merge_format_onnx_refuses_an_unsupported_family_before_merging(tmp_path):
+def test_merge_onnx_rejects_family_first(tmp_path):
     config = transformers.GPTNeoXConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64,
                                         num_hidden_layers=1, num_attention_heads=4)
     transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
@@ -239,3 +239,37 @@ def test_merge_format_onnx_refuses_an_unsupported_family_before_merging(tmp_path
     assert result.exit_code == EXIT_FAILURE and "gpt_neox" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "neox"]
     assert not os.listdir(tmp_path / "adapter")
+
+
+class FakeRuntime:
+    """An onnxruntime-gpu on a machine without a GPU: it lists CUDA but opens sessions on the CPU."""
+
+    class SessionOptions:
+        pass
+
+    class GraphOptimizationLevel:
+        ORT_ENABLE_ALL = 99
+
+    class InferenceSession:
+        def __init__(self, path, options, providers):
+            self.requested = providers
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    @staticmethod
+    def get_available_providers():
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def test_cuda_fallback_only_in_auto(tmp_path, monkeypatch):
+    warnings = []
+    monkeypatch.setattr(foldkit.onnx_runtime, "import_runtime", lambda: FakeRuntime)
+    monkeypatch.setattr(foldkit.onnx_runtime.logger, "warning", lambda message, *args: warnings.append(message % args))
+    assert foldkit.onnx_runtime.choose_provider("auto") == "CUDAExecutionProvider"
+    session = open_session(tmp_path / "model.onnx", "CUDAExecutionProvider", fallback=True)
+    assert session.requested == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert len(warnings) == 1
+    assert "instead" in warnings[0]
+    with pytest.raises(foldkit.errors.InputError, match="--provider cpu"):
+        open_session(tmp_path / "model.onnx", "CUDAExecutionProvider", fallback=False)

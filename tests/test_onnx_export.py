@@ -87,7 +87,7 @@ DECODERS = ["llama", "gemma", "gpt2", "opt", "mistral", "qwen2"]
 
 
 @pytest.mark.parametrize("architecture", DECODERS)
-def test_decoder_graph_with_cache_matches_pytorch(exported, architecture):
+def test_cache_graph_matches_pytorch(exported, architecture):
     base, out, report = exported(architecture)
     assert report.status == "PASSED" and report.verification["greedy"]["equal"]
     cases = {diff["case"] for diff in report.verification["diffs"]}
@@ -129,7 +129,7 @@ def test_decoder_graph_with_cache_matches_pytorch(exported, architecture):
     assert np.isfinite(base_logits).all()
 
 
-def test_cache_shape_read_from_graph_matches_model(exported):
+def test_cache_input_shape(exported):
     base, out, report = exported("llama")
     sess = session(out)
     assert sess.get_inputs()[3].shape == ["batch", 2, "past_sequence", 8]
@@ -152,7 +152,7 @@ def test_no_cache_graph_returns_logits_only(tmp_path, architecture):
     assert_close(got, reference, mask.bool())
 
 
-def test_encoder_graph_returns_hidden_state_and_pooled_output(exported):
+def test_encoder_graph_outputs(exported):
     base, out, report = exported("bert")
     assert report.status == "PASSED" and report.kind == "encoder"
     sess = session(out)
@@ -167,7 +167,7 @@ def test_encoder_graph_returns_hidden_state_and_pooled_output(exported):
     assert_close(got[1], reference.pooler_output)
 
 
-def test_encoder_without_pooler_exports_hidden_state_only(tmp_path):
+def test_encoder_without_pooler(tmp_path):
     torch.manual_seed(0)
     config = transformers.BertConfig(vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=4, max_position_embeddings=64)
@@ -189,7 +189,7 @@ def test_tied_embeddings_are_stored_once(exported):
     assert stored < report.weight_bytes + embedding.numel() * 4 // 2
 
 
-def test_external_data_goes_to_one_file_beside_the_graph(tmp_path):
+def test_external_data_one_file(tmp_path):
     base = save_base("llama", tmp_path / "base")
     report = export(base.directory, tmp_path / "onnx", ExportOptions(external_data="always"))
     assert report.external_data and report.status == "PASSED"
@@ -202,7 +202,7 @@ def test_external_data_goes_to_one_file_beside_the_graph(tmp_path):
     assert (tmp_path / "onnx" / "model.onnx.data").stat().st_size >= report.weight_bytes * 0.9
 
 
-def test_auto_external_data_follows_the_size_threshold(tmp_path, monkeypatch):
+def test_external_data_size_threshold(tmp_path, monkeypatch):
     base = save_base("opt", tmp_path / "base")
     monkeypatch.setattr(foldkit.onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
     report = export(base.directory, tmp_path / "onnx")
@@ -219,7 +219,7 @@ def test_float16_export_verifies(tmp_path):
     assert graph.graph.input[3].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
 
 
-def test_cli_export_prints_each_check_and_json(tmp_path):
+def test_cli_export_output(tmp_path):
     base = save_base("gpt2", tmp_path / "base")
     result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "onnx"), "--format", "onnx"])
     assert result.exit_code == 0, result.output
@@ -242,7 +242,7 @@ def llama_with_lora(tmp_path_factory):
     return base, adapter
 
 
-def test_merge_format_onnx_matches_peft_and_differs_from_base(tmp_path, llama_with_lora):
+def test_merge_onnx_matches_peft(tmp_path, llama_with_lora):
     base, adapter = llama_with_lora
     out = tmp_path / "out"
     result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(out), "--format", "onnx", "--json"])
@@ -268,7 +268,7 @@ def test_merge_format_onnx_matches_peft_and_differs_from_base(tmp_path, llama_wi
     assert (torch.from_numpy(got)[real] - plain[real]).abs().max() > 100 * FP32.atol
 
 
-def test_merge_format_safetensors_and_onnx_writes_both(tmp_path, llama_with_lora):
+def test_merge_writes_both_formats(tmp_path, llama_with_lora):
     base, adapter = llama_with_lora
     out = tmp_path / "out"
     result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(out), "--format", "safetensors,onnx"])

@@ -26,7 +26,7 @@ NEW_TOKENS = 24
 PROMPTS = ["Write one sentence about folding paper.", "What is a linear layer in a neural network? Answer briefly."]
 
 
-def test_smollm2_merge_format_onnx_generates_pytorch_greedy_tokens(tmp_path):
+def test_smollm2_onnx_greedy_tokens(tmp_path):
     base = prepare_smollm2()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
@@ -70,7 +70,7 @@ def test_smollm2_merge_format_onnx_generates_pytorch_greedy_tokens(tmp_path):
     assert base_tokens.tolist() != expected.tolist(), "the merged model should not generate what the base does"
 
 
-def test_minilm_exports_and_embeds_sentences_like_pytorch(tmp_path):
+def test_minilm_onnx_embeddings(tmp_path):
     directory = minilm_directory()
     report = export(directory, tmp_path / "onnx")
     assert report.status == "PASSED" and report.kind == "encoder"
