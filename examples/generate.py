@@ -48,7 +48,6 @@ def generate_onnx(model_dir: Path, prompt: str, max_new_tokens: int = 20) -> str
     from transformers import AutoTokenizer
 
     from foldkit.onnx_generate import greedy_generate
-    from foldkit.onnx_graphs import CacheShape
     from foldkit.onnx_runtime import open_session
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -58,15 +57,12 @@ def generate_onnx(model_dir: Path, prompt: str, max_new_tokens: int = 20) -> str
     else:
         inputs = tokenizer(prompt, return_tensors="np")
     session = open_session(model_dir / "model.onnx", "CPUExecutionProvider")
-    past = session.get_inputs()[3].shape  # batch x heads x past x head_dim
-    layers = (len(session.get_inputs()) - 3) // 2
     generation = json.loads((model_dir / "generation_config.json").read_text()) \
         if (model_dir / "generation_config.json").is_file() else {}
     eos = generation.get("eos_token_id", tokenizer.eos_token_id)
     eos = [eos] if isinstance(eos, int) else eos
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    tokens = greedy_generate(session, inputs["input_ids"], inputs["attention_mask"], max_new_tokens, eos, pad,
-                             CacheShape(layers, past[1], past[3]))
+    tokens = greedy_generate(session, inputs["input_ids"], inputs["attention_mask"], max_new_tokens, eos, pad)
     return tokenizer.decode(tokens[0], skip_special_tokens=True)
 
 

@@ -77,7 +77,8 @@ class ExportDType(str, Enum):
 
 NoCache = Annotated[bool, typer.Option(
     "--no-cache", help="Decoders: export logits only, without past key/value inputs and present outputs.")]
-Opset = Annotated[Optional[int], typer.Option(help="ONNX opset to write; default 18.")]
+Opset = Annotated[Optional[int], typer.Option(
+    help="ONNX opset to write. Below 18 only when onnx's converter can rewrite every operator.", show_default="18")]
 OnnxDType = Annotated[ExportDType, typer.Option(
     "--onnx-dtype", help="dtype of the ONNX graph's weights and activations.")]
 ExternalDataOption = Annotated[ExternalData, typer.Option(
@@ -224,11 +225,13 @@ def merge(
         raise typer.Exit(EXIT_MISMATCH)
 
 
-def _print_export(report: dict, directory: Path) -> None:
-    files = report["files"]
-    size = sum(files.values())
-    typer.echo(f"exported {report['model_type']} as {report['kind']} (opset {report['opset']}, {report['dtype']}) to "
-               f"{directory} in {report['export_seconds']:.1f} s: {', '.join(files)} ({size / 1e6:.1f} MB)")
+def _print_export(report: dict, directory: Path | None) -> None:
+    """Print what was exported (unless `directory` is None: nothing was written) and every check row."""
+    if directory is not None:
+        files = report["files"]
+        size = sum(files.values())
+        typer.echo(f"exported {report['model_type']} as {report['kind']} (opset {report['opset']}, {report['dtype']}) "
+                   f"to {directory} in {report['export_seconds']:.1f} s: {', '.join(files)} ({size / 1e6:.1f} MB)")
     verification = report["verification"]
     if verification is None:
         typer.echo("ONNX Runtime check: NOT VERIFIED (--no-verify)")
@@ -237,7 +240,8 @@ def _print_export(report: dict, directory: Path) -> None:
                f"(atol {verification['atol']:g} + rtol {verification['rtol']:g} x max|reference|)")
     for diff in verification["diffs"]:
         typer.echo(f"  {'ok  ' if diff['passed'] else 'FAIL'} {diff['case']}: {diff['output']}: max abs diff "
-                   f"{diff['max_abs_diff']:.3g}, max rel diff {diff['max_rel_diff']:.3g} (allowed {diff['allowed_abs_diff']:.3g})")
+                   f"{diff['max_abs_diff']:.3g} (allowed {diff['allowed_abs_diff']:.3g}), "
+                   f"max rel diff {diff['max_rel_diff']:.3g}")
     greedy = verification["greedy"]
     if greedy is not None:
         typer.echo(f"  {'ok  ' if greedy['equal'] else 'FAIL'} greedy generation, prompt {greedy['prompt_shape'][0]} x "
@@ -250,7 +254,7 @@ def _export_failure(error: VerificationError, as_json: bool) -> None:
     if as_json and report is not None and hasattr(report, "to_dict"):
         typer.echo(json.dumps(report.to_dict(), indent=2))
     elif report is not None and getattr(report, "verification", None) and "diffs" in report.verification:
-        _print_export(report.to_dict(), Path("(not written)"))
+        _print_export(report.to_dict(), None)
     _fail(str(error), EXIT_MISMATCH)
 
 

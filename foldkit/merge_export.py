@@ -1,7 +1,8 @@
 """`foldkit merge --format onnx`: merge into a temporary directory, verify, then export what was asked for.
 
---format onnx writes only the ONNX graph (with config and tokenizer files) to OUT; --format
-safetensors,onnx writes the merged safetensors model to OUT and the graph to OUT/onnx. A merge that fails
+--format onnx writes the ONNX graph with its config, tokenizer files and both reports
+(foldkit_report.json from the merge, foldkit_export.json) to OUT. --format safetensors,onnx writes the
+merged safetensors model to OUT and the graph to OUT/onnx. A merge that fails
 its checks stops here with VerificationError before anything is exported, and OUT is not written.
 """
 
@@ -15,10 +16,10 @@ from pathlib import Path
 
 from foldkit.errors import OutputError, UsageError, VerificationError
 from foldkit.merge import MergeOptions, merge
-from foldkit.onnx_export import ExportOptions, ExportReport, check_export_options, export, export_into, read_config
+from foldkit.onnx_export import ExportOptions, ExportReport, check_export_options, export_into, read_config
 from foldkit.onnx_graphs import graph_kind
 from foldkit.output_dir import check_output_path, staged_directory
-from foldkit.report import MergeReport
+from foldkit.report import REPORT_FILE, MergeReport
 
 FORMATS = ("safetensors", "onnx")
 ONNX_SUBDIRECTORY = "onnx"
@@ -66,15 +67,19 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, for
         if merge_report.status == "FAILED":
             raise VerificationError("the merged model's outputs differ from the reference beyond tolerance; "
                                     "it was not exported and nothing was written", merge_report)
-        if formats == ("onnx",):
-            export_report = export(merged, out, ExportOptions(**{**export_options.__dict__,
-                                                                  "force": merge_options.force}))
-            return MergeExportReport(merge_report, export_report, str(out))
+        source = f"{base} merged with {adapter}"
         with staged_directory(out, merge_options.force) as staging:
-            for entry in merged.iterdir():
-                os.rename(entry, staging / entry.name)
-            (staging / ONNX_SUBDIRECTORY).mkdir()
-            export_report = export_into(staging, staging / ONNX_SUBDIRECTORY, export_options)
-        return MergeExportReport(merge_report, export_report, str(out / ONNX_SUBDIRECTORY))
+            if formats == ("onnx",):
+                # The graph, its config and tokenizer files, and the merge's report beside the export's.
+                export_report = export_into(merged, staging, export_options, source)
+                shutil.copyfile(merged / REPORT_FILE, staging / REPORT_FILE)
+                directory = out
+            else:
+                for entry in merged.iterdir():
+                    os.rename(entry, staging / entry.name)
+                (staging / ONNX_SUBDIRECTORY).mkdir()
+                export_report = export_into(staging, staging / ONNX_SUBDIRECTORY, export_options, source)
+                directory = out / ONNX_SUBDIRECTORY
+        return MergeExportReport(merge_report, export_report, str(directory))
     finally:
         shutil.rmtree(work, ignore_errors=True)

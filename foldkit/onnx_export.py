@@ -92,8 +92,9 @@ def check_export_options(options: ExportOptions) -> None:
 
     newest = onnx.defs.onnx_opset_version()
     if not MIN_OPSET <= options.opset <= newest:
-        raise UsageError(f"opset {options.opset} is outside what foldkit can export: choose {MIN_OPSET} to "
-                         f"{newest} (the installed onnx's newest); the default is {DEFAULT_OPSET}")
+        raise UsageError(f"opset {options.opset} is outside what foldkit can export: choose {DEFAULT_OPSET} (the "
+                         f"default) to {newest} (the installed onnx's newest). Opsets {MIN_OPSET} to "
+                         f"{DEFAULT_OPSET - 1} work only when onnx's converter can rewrite every operator of the graph")
     if options.dtype not in EXPORT_DTYPES:
         raise UsageError(f"invalid export dtype {options.dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     if options.external_data not in EXTERNAL_DATA_CHOICES:
@@ -103,8 +104,11 @@ def check_export_options(options: ExportOptions) -> None:
         raise UsageError(f"invalid provider {options.provider!r}; choose one of {', '.join(PROVIDER_CHOICES)}")
 
 
-def export(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None) -> ExportReport:
+def export(model_dir: str | Path, out: str | Path, options: ExportOptions | None = None,
+           source: str | None = None) -> ExportReport:
     """Export MODEL_DIR to OUT atomically and check the graph; return the report.
+
+    `source` is what the report names as the exported model (default: MODEL_DIR).
 
     Raises VerificationError (OUT not written) when ONNX Runtime's outputs differ beyond tolerance.
     """
@@ -113,23 +117,26 @@ def export(model_dir: str | Path, out: str | Path, options: ExportOptions | None
     check_export_options(options)
     check_output_path(out, options.force, [model_dir])
     with staged_directory(out, options.force) as staging:
-        return export_into(model_dir, staging, options)
+        return export_into(model_dir, staging, options, source)
 
 
-def export_into(model_dir: Path, directory: Path, options: ExportOptions) -> ExportReport:
+def export_into(model_dir: Path, directory: Path, options: ExportOptions, source: str | None = None) -> ExportReport:
     """Export MODEL_DIR into the existing empty `directory` (no staging, no rename)."""
     check_export_options(options)
     checkpoint = open_checkpoint(model_dir, role="model")
     checkpoint.close()
     config = read_config(model_dir)
     kind = graph_kind(config, options.cache)
+    if kind == KIND_ENCODER and not options.cache:
+        logger.warning("--no-cache applies to decoders only; %s is an encoder, whose graph has no cache anyway",
+                       config.model_type)
     provider = choose_provider(options.provider) if options.verify else None
     dtype = EXPORT_DTYPES[options.dtype]
     model = load_model(model_dir, kind, dtype)
     weight_bytes = unique_weight_bytes(model)
     external = _use_external_data(options.external_data, weight_bytes)
     spec = graph_spec(model, kind)
-    report = ExportReport(__version__, str(model_dir), config.model_type, kind, options.opset, options.dtype,
+    report = ExportReport(__version__, source or str(model_dir), config.model_type, kind, options.opset, options.dtype,
                           spec.input_names, spec.output_names, external, weight_bytes=weight_bytes)
     logger.info("exporting %s (%s, %.0f MB of %s weights) to ONNX opset %d; tracing time grows with the layer "
                 "count (30-layer SmolLM2-135M: about 45 s on 2 cores)", model_dir, kind, weight_bytes / 1e6,
@@ -150,7 +157,10 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions) -> Exp
         provider = session.get_providers()[0]
         from foldkit.onnx_verify import check_graph
 
-        check = check_graph(session, model, kind, tolerance, provider, spec.cache)
+        # A float16 graph is held to how far PyTorch's own float16 result is from float32 (see check_graph).
+        float32_model = load_model(model_dir, kind, torch.float32) if dtype != torch.float32 else None
+        check = check_graph(session, model, kind, tolerance, provider, spec.cache, float32_model)
+        del float32_model
         del session
         report.verify_seconds = round(time.perf_counter() - start, 2)
         report.verification = check.to_dict()
@@ -159,9 +169,10 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions) -> Exp
                 f"the ONNX graph's outputs differ from PyTorch's beyond tolerance ({'; '.join(check.failures()[:3])}); "
                 "nothing was written", report)
         report.status = "PASSED"
-    report.files = {path.name: path.stat().st_size for path in sorted(directory.iterdir()) if path.is_file()}
+    # Every file written, in subdirectories too (sentence-transformers' 1_Pooling/), but the report itself.
+    report.files = {str(path.relative_to(directory)): path.stat().st_size
+                    for path in sorted(directory.rglob("*")) if path.is_file()}
     (directory / EXPORT_REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
-    report.files[EXPORT_REPORT_FILE] = (directory / EXPORT_REPORT_FILE).stat().st_size
     return report
 
 

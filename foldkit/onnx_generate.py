@@ -14,9 +14,24 @@ from foldkit.onnx_graphs import CacheShape, past_names
 ONNX_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
 
 
+def cache_shape_of(session) -> CacheShape:
+    """Read the layer count, key/value heads and head size from a cache graph's past inputs."""
+    past = [node for node in session.get_inputs() if node.name.startswith("past_key_values.")]
+    if not past:
+        raise ValueError("this graph has no past_key_values inputs: export it without --no-cache to generate")
+    _, heads, _, head_dim = past[0].shape
+    return CacheShape(layers=len(past) // 2, heads=heads, head_dim=head_dim)
+
+
 def greedy_generate(session, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int,
-                    eos_token_ids: list[int] | None, pad_token_id: int, cache: CacheShape) -> np.ndarray:
-    """Return batch x max_new_tokens generated ids (pad after a row's end token)."""
+                    eos_token_ids: list[int] | None = None, pad_token_id: int = 0,
+                    cache: CacheShape | None = None) -> np.ndarray:
+    """Return batch x max_new_tokens generated ids (pad after a row's end token).
+
+    `session` is an onnxruntime.InferenceSession of a decoder graph with a cache; `cache` defaults to
+    what the graph's inputs say.
+    """
+    cache = cache or cache_shape_of(session)
     batch = input_ids.shape[0]
     inputs = {node.name: node for node in session.get_inputs()}
     dtype = ONNX_FLOAT_TYPES[inputs["past_key_values.0.key"].type]

@@ -17,7 +17,7 @@ from transformers import DynamicCache
 
 from foldkit.onnx_generate import greedy_generate
 from foldkit.onnx_graphs import KIND_CACHE, KIND_ENCODER, KIND_LOGITS, CacheShape
-from foldkit.tolerances import Tolerance
+from foldkit.tolerances import NOISE_FACTOR, Tolerance
 
 logger = logging.getLogger(__name__)
 
@@ -32,8 +32,9 @@ class OutputDiff:
     output: str
     max_abs_diff: float
     max_rel_diff: float  # max_abs_diff / max|reference|
-    allowed_abs_diff: float  # atol + rtol * max|reference|
+    allowed_abs_diff: float  # atol + rtol * max|reference| + NOISE_FACTOR * rounding_sensitivity
     passed: bool
+    rounding_sensitivity: float = 0.0  # float16 graphs: max|PyTorch float16 - PyTorch float32|
 
 
 @dataclass
@@ -90,19 +91,27 @@ def _long_length(config) -> int:
 
 
 def _compare(check: GraphCheck, tolerance: Tolerance, case: str, output: str, got: np.ndarray,
-             reference: torch.Tensor, select: torch.Tensor | None = None) -> None:
+             reference: torch.Tensor, select: torch.Tensor | None = None,
+             float32_reference: torch.Tensor | None = None) -> OutputDiff:
+    """Append and return the diff of one output; `float32_reference` adds the measured rounding term."""
     reference = reference.detach().float()
     got_tensor = torch.from_numpy(np.asarray(got)).float()
     if select is not None:
         reference, got_tensor = reference[select], got_tensor[select]
     if got_tensor.shape != reference.shape:
         check.diffs.append(OutputDiff(case, output, float("inf"), float("inf"), 0.0, False))
-        return
+        return check.diffs[-1]
     scale = reference.abs().max().item() if reference.numel() else 0.0
     diff = (got_tensor - reference).abs().max().item() if reference.numel() else 0.0
-    allowed = tolerance.atol + tolerance.rtol * scale
+    sensitivity = 0.0
+    if float32_reference is not None and reference.numel():
+        wide = float32_reference.detach().float()
+        wide = wide[select] if select is not None else wide
+        sensitivity = (reference - wide).abs().max().item()
+    allowed = tolerance.atol + tolerance.rtol * scale + NOISE_FACTOR * sensitivity
     passed = bool(np.isfinite(diff) and diff <= allowed)
-    check.diffs.append(OutputDiff(case, output, diff, diff / scale if scale else diff, allowed, passed))
+    check.diffs.append(OutputDiff(case, output, diff, diff / scale if scale else diff, allowed, passed, sensitivity))
+    return check.diffs[-1]
 
 
 def _mask(case: Case, past: torch.Tensor | None) -> torch.Tensor:
@@ -120,10 +129,32 @@ def _positions(mask: torch.Tensor, tokens: int) -> torch.Tensor:
     return (mask.cumsum(dim=1) - 1).clamp(min=0)[:, -tokens:]
 
 
+def _reference(model, kind: str, feeds: dict[str, torch.Tensor], past: list[torch.Tensor] | None) -> dict:
+    """Run the plain transformers model the usual way; return its outputs by graph output name."""
+    if kind == KIND_ENCODER:
+        output = model(**feeds)
+        pooled = getattr(output, "pooler_output", None)
+        return {"last_hidden_state": output.last_hidden_state,
+                **({"pooler_output": pooled} if pooled is not None else {})}
+    if kind == KIND_LOGITS:
+        return {"logits": model(**feeds, use_cache=False).logits}
+    dtype = model.get_input_embeddings().weight.dtype
+    past = [tensor.to(dtype) for tensor in past]
+    output = model(input_ids=feeds["input_ids"], attention_mask=feeds["attention_mask"],
+                   position_ids=feeds["position_ids"], cache=_dynamic_cache(past, model), use_cache=True)
+    present = _flatten(output.past_key_values)
+    names = [f"present.{index // 2}.{'key' if index % 2 == 0 else 'value'}" for index in range(len(present))]
+    return {"logits": output.logits, **dict(zip(names, present))}
+
+
 @torch.no_grad()
 def check_graph(session, model: torch.nn.Module, kind: str, tolerance: Tolerance, provider: str,
-                cache: CacheShape | None = None) -> GraphCheck:
-    """Run every case in ONNX Runtime and in PyTorch and compare each output against `tolerance`."""
+                cache: CacheShape | None = None, float32_model: torch.nn.Module | None = None) -> GraphCheck:
+    """Run every case in ONNX Runtime and in PyTorch and compare each output against `tolerance`.
+
+    For a float16 graph pass `float32_model`, the same weights in float32. Each output's allowed
+    difference then grows by NOISE_FACTOR times how far PyTorch's own float16 result is from float32.
+    """
     check = GraphCheck(provider, tolerance.atol, tolerance.rtol)
     generator = torch.Generator().manual_seed(SEED)
     vocab = model.config.vocab_size
@@ -134,46 +165,40 @@ def check_graph(session, model: torch.nn.Module, kind: str, tolerance: Tolerance
         input_ids = torch.randint(0, vocab, (case.batch, case.tokens), generator=generator)
         mask = _mask(case, previous_mask if case.continues else None)
         logger.debug("checking %s", case.name)
+        feeds = {"input_ids": input_ids, "attention_mask": mask}
+        past = None
         if kind == KIND_ENCODER:
-            feeds = {"input_ids": input_ids, "attention_mask": mask}
             if "token_type_ids" in names:
                 feeds["token_type_ids"] = torch.zeros_like(input_ids)
-            reference = model(**feeds)
-            got = session.run(outputs, _numpy(feeds))
-            _compare(check, tolerance, case.name, "last_hidden_state", got[0], reference.last_hidden_state)
-            if "pooler_output" in outputs:
-                _compare(check, tolerance, case.name, "pooler_output", got[1], reference.pooler_output)
-            continue
-        positions = _positions(mask, case.tokens)
-        feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions}
+        else:
+            feeds["position_ids"] = _positions(mask, case.tokens)
+        if kind == KIND_CACHE:
+            past = _past_tensors(previous_cache if case.continues else None, cache, case.batch, model)
+            for index, tensor in enumerate(past):
+                feeds[f"past_key_values.{index // 2}.{'key' if index % 2 == 0 else 'value'}"] = tensor
+        reference = _reference(model, kind, feeds, past)
+        wide = _reference(float32_model, kind, feeds, past) if float32_model is not None else {}
+        got = dict(zip(outputs, session.run(outputs, _numpy(feeds))))
         real = mask[:, -case.tokens:].bool()
-        if kind == KIND_LOGITS:
-            reference = model(**feeds, use_cache=False)
-            got = session.run(outputs, _numpy(feeds))
-            _compare(check, tolerance, case.name, "logits", got[0], reference.logits, real)
-            continue
-        past = previous_cache if case.continues else None
-        past_tensors = _past_tensors(past, cache, case.batch, model)
-        for index, tensor in enumerate(past_tensors):
-            feeds[f"past_key_values.{index // 2}.{'key' if index % 2 == 0 else 'value'}"] = tensor
-        reference = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                          cache=_dynamic_cache(past_tensors, model), use_cache=True)
-        got = session.run(outputs, _numpy(feeds))
-        _compare(check, tolerance, case.name, "logits", got[0], reference.logits, real)
-        present = _flatten(reference.past_key_values)
-        key_real = mask.bool()
-        worst = None
-        for name, got_tensor, reference_tensor in zip(outputs[1:], got[1:], present):
-            # batch x heads x length x head_dim -> the real key positions of every head.
-            select = key_real[:, None, :].expand(-1, reference_tensor.shape[1], -1)
-            before = len(check.diffs)
-            _compare(check, tolerance, case.name, name, got_tensor, reference_tensor, select)
-            diff = check.diffs.pop(before)
-            if worst is None or diff.max_abs_diff - diff.allowed_abs_diff > worst.max_abs_diff - worst.allowed_abs_diff:
-                worst = diff
-        worst.output = f"present (worst of {len(present)}: {worst.output})"
-        check.diffs.append(worst)
-        previous_mask, previous_cache = mask, present
+        for name in outputs:
+            if name.startswith("present."):
+                continue
+            # Decoders: padding positions are garbage in both runtimes, so only real tokens count.
+            select = None if kind == KIND_ENCODER else real
+            _compare(check, tolerance, case.name, name, got[name], reference[name], select, wide.get(name))
+        present = [name for name in outputs if name.startswith("present.")]
+        if present:
+            worst = None
+            for name in present:
+                # batch x heads x length x head_dim -> the real key positions of every head.
+                select = mask.bool()[:, None, :].expand(-1, reference[name].shape[1], -1)
+                diff = _compare(check, tolerance, case.name, name, got[name], reference[name], select, wide.get(name))
+                check.diffs.pop()
+                if worst is None or diff.max_abs_diff - diff.allowed_abs_diff > worst.max_abs_diff - worst.allowed_abs_diff:
+                    worst = diff
+            worst.output = f"present (worst of {len(present)}: {worst.output})"
+            check.diffs.append(worst)
+            previous_mask, previous_cache = mask, [reference[name] for name in present]
     if kind == KIND_CACHE:
         check.greedy = _check_greedy(session, model, cache, generator)
     return check

@@ -37,7 +37,9 @@ TOLERANCES: dict[torch.dtype, Tolerance] = {
 
 
 # ONNX export: the graph in ONNX Runtime against the same model in PyTorch, both in the exported dtype, so
-# only kernel choice and summation order differ. Allowed per output: atol + rtol * max|reference|.
+# only kernel choice and summation order differ. Allowed per output: atol + rtol * max|reference|, plus
+# for float16 NOISE_FACTOR * max|PyTorch float16 - PyTorch float32|, because float16 kernels that
+# accumulate differently can differ by about as much as float16 itself moves the outputs.
 EXPORT_TOLERANCES: dict[torch.dtype, Tolerance] = {
     torch.float32: Tolerance(1e-4, 1e-4, "ONNX Runtime and PyTorch kernels sum in different orders"),
     torch.float16: Tolerance(1e-2, 1e-2, "float16 kernels round intermediate results differently"),

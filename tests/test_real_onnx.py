@@ -76,6 +76,7 @@ def test_minilm_onnx_embeddings(tmp_path):
     assert report.status == "PASSED" and report.kind == "encoder"
     assert report.outputs == ["last_hidden_state", "pooler_output"]
     assert (tmp_path / "onnx" / "1_Pooling").is_dir() and (tmp_path / "onnx" / "vocab.txt").is_file()
+    assert "1_Pooling/config.json" in report.files
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "onnx"))
     sentences = ["Adapters fold into weights.", "A longer sentence makes the tokenizer pad the shorter one in the batch."]
