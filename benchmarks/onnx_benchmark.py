@@ -53,6 +53,17 @@ def foldkit(*args: str) -> dict:
     return json.loads(done.stdout)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo, or the machine type where that file is missing."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def make_adapter(base: Path, out: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
@@ -155,6 +166,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     args = parser.parse_args()
 
+    load_before = os.getloadavg()
     base = prepare_smollm2()
     with tempfile.TemporaryDirectory(prefix="foldkit-onnx-bench-") as scratch:
         scratch = Path(scratch)
@@ -183,7 +195,8 @@ def main() -> None:
             print(rows[-1], file=sys.stderr)
         results = {
             "model": "SmolLM2-135M-Instruct + LoRA r=8 on all linear layers, merged (bfloat16), exported float32",
-            "machine": f"{platform.machine()}, {os.cpu_count()} cores, {args.threads} threads in both runtimes",
+            "machine": f"{cpu_model()}, {os.cpu_count()} cores, {args.threads} threads in both runtimes",
+            "load_average_before": load_before,
             "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
             "repeats": args.repeats, "target_ratio": TARGET_RATIO,
             "export": {"command_seconds": command_seconds, "export_seconds": report["export_seconds"],

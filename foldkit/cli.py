@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from enum import Enum
 from pathlib import Path
@@ -88,13 +89,28 @@ ProviderOption = Annotated[Provider, typer.Option(
     help="ONNX Runtime execution provider for the check: auto (CUDA when the runtime has it), cpu or cuda.")]
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A handler that writes to whatever sys.stderr is when a record is logged, not when it was created."""
+
+    def __init__(self):
+        super().__init__()
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):  # logging.StreamHandler.__init__ assigns it
+        pass
+
+
 def _setup_logging(quiet: bool, verbose: bool) -> None:
     level = logging.INFO
     if quiet:
         level = logging.ERROR
     elif verbose:
         level = logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
     logger.handlers[:] = [handler]
     logger.setLevel(level)
@@ -175,6 +191,10 @@ def merge(
     onnx_dtype: OnnxDType = ExportDType.float32,
     external_data: ExternalDataOption = ExternalData.auto,
     provider: ProviderOption = Provider.auto,
+    onnx_atol: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Absolute tolerance of the ONNX check; default from the export table.")] = None,
+    onnx_rtol: Annotated[Optional[float], typer.Option(
+        min=0.0, help="Relative tolerance of the ONNX check; default from the export table.")] = None,
     as_json: AsJson = False,
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -199,20 +219,23 @@ def merge(
 
         export_options = ExportOptions(cache=not no_cache, opset=DEFAULT_OPSET if opset is None else opset,
                                        dtype=onnx_dtype.value, external_data=external_data.value,
-                                       verify=not no_verify, provider=provider.value)
+                                       verify=not no_verify, provider=provider.value, atol=onnx_atol,
+                                       rtol=onnx_rtol)
         result = _run(lambda: merge_and_export(base, adapter, out, formats, options, export_options),
                       on_mismatch=lambda error: _export_failure(error, as_json))
         if as_json:
-            typer.echo(json.dumps(result.to_dict(), indent=2))
+            from foldkit.onnx_export import json_safe
+
+            typer.echo(json.dumps(json_safe(result.to_dict()), indent=2))
             return
         typer.echo(f"merged {len(result.merge.folded)} {result.merge.peft_type} modules")
         _print_verification(result.merge.verification)
         _print_export(result.export.to_dict(), Path(result.onnx_directory))
         return
     if no_cache or opset is not None or onnx_dtype is not ExportDType.float32 or external_data is not ExternalData.auto \
-            or provider is not Provider.auto:
-        _fail("--no-cache, --opset, --onnx-dtype, --external-data and --provider apply to ONNX output; "
-              "add --format onnx or --format safetensors,onnx", EXIT_USAGE)
+            or provider is not Provider.auto or onnx_atol is not None or onnx_rtol is not None:
+        _fail("--no-cache, --opset, --onnx-dtype, --external-data, --provider, --onnx-atol and --onnx-rtol apply to "
+              "ONNX output; add --format onnx or --format safetensors,onnx", EXIT_USAGE)
     report = _run(lambda: run_merge(base, adapter, out, options))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
@@ -252,7 +275,9 @@ def _print_export(report: dict, directory: Path | None) -> None:
 def _export_failure(error: VerificationError, as_json: bool) -> None:
     report = error.result
     if as_json and report is not None and hasattr(report, "to_dict"):
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        from foldkit.onnx_export import json_safe
+
+        typer.echo(json.dumps(json_safe(report.to_dict()), indent=2))
     elif report is not None and getattr(report, "verification", None) and "diffs" in report.verification:
         _print_export(report.to_dict(), None)
     _fail(str(error), EXIT_MISMATCH)
@@ -290,7 +315,9 @@ def export(
                             provider=provider.value, atol=atol, rtol=rtol, force=force)
     report = _run(lambda: run_export(model, out, options), on_mismatch=lambda error: _export_failure(error, as_json))
     if as_json:
-        typer.echo(json.dumps(report.to_dict(), indent=2))
+        from foldkit.onnx_export import json_safe
+
+        typer.echo(json.dumps(json_safe(report.to_dict()), indent=2))
     else:
         _print_export(report.to_dict(), out)
 
@@ -451,5 +478,17 @@ def main(
     """Fold LoRA and IA3 adapters into plain model weights and prove the result is equivalent."""
 
 
+def run() -> None:
+    """Run the command line (the `foldkit` console script), then ignore Ctrl-C while Python shuts down.
+
+    Shutting down after an export takes over a second. By then OUT is complete or absent, so a Ctrl-C
+    would only make the exit status (130, "interrupted") contradict what is on disk.
+    """
+    try:
+        app()
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 if __name__ == "__main__":
-    app()
+    run()

@@ -18,6 +18,7 @@ from foldkit.errors import OutputError, UsageError, VerificationError
 from foldkit.merge import MergeOptions, merge
 from foldkit.onnx_export import ExportOptions, ExportReport, check_export_options, export_into, read_config
 from foldkit.onnx_graphs import graph_kind
+from foldkit.onnx_runtime import choose_provider
 from foldkit.output_dir import check_output_path, staged_directory
 from foldkit.report import REPORT_FILE, MergeReport
 
@@ -52,6 +53,8 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, for
         raise UsageError("merge_and_export needs onnx among the formats; call merge for safetensors alone")
     check_export_options(export_options)
     check_output_path(out, merge_options.force, [base, adapter])
+    if export_options.verify:
+        choose_provider(export_options.provider)  # a missing runtime or provider fails before the merge
     # Reject a model family the exporter cannot handle before the merge runs. A missing config is left to
     # merge, which reports it with the other base checks.
     if (base / "config.json").is_file():

@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import time
 import warnings
@@ -130,7 +131,13 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions, source
     if kind == KIND_ENCODER and not options.cache:
         logger.warning("--no-cache applies to decoders only; %s is an encoder, whose graph has no cache anyway",
                        config.model_type)
-    provider = choose_provider(options.provider) if options.verify else None
+    if options.verify:
+        provider = choose_provider(options.provider)
+    else:
+        provider = None
+        if options.provider != "auto":
+            logger.warning("--provider %s is ignored: it chooses where the check runs, and --no-verify skips the check",
+                           options.provider)
     dtype = EXPORT_DTYPES[options.dtype]
     model = load_model(model_dir, kind, dtype)
     weight_bytes = unique_weight_bytes(model)
@@ -165,6 +172,7 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions, source
         report.verify_seconds = round(time.perf_counter() - start, 2)
         report.verification = check.to_dict()
         if not check.passed:
+            report.status = "FAILED"
             raise VerificationError(
                 f"the ONNX graph's outputs differ from PyTorch's beyond tolerance ({'; '.join(check.failures()[:3])}); "
                 "nothing was written", report)
@@ -172,7 +180,8 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions, source
     # Every file written, in subdirectories too (sentence-transformers' 1_Pooling/), but the report itself.
     report.files = {str(path.relative_to(directory)): path.stat().st_size
                     for path in sorted(directory.rglob("*")) if path.is_file()}
-    (directory / EXPORT_REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    (directory / EXPORT_REPORT_FILE).write_text(json.dumps(json_safe(report.to_dict()), indent=2) + "\n",
+                                                encoding="utf-8")
     return report
 
 
@@ -182,9 +191,14 @@ def read_config(model_dir: Path):
 
     try:
         return AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
-    except (ValueError, KeyError, OSError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise UnsupportedModelError(f"transformers cannot read {model_dir / 'config.json'}: {first}") from error
+    except Exception as error:  # transformers validates configs with many exception types
+        raise UnsupportedModelError(f"transformers cannot read {model_dir / 'config.json'}: "
+                                    f"{_first_line(error)}") from error
+
+
+def _first_line(error: Exception) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def load_model(model_dir: Path, kind: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -201,14 +215,53 @@ def load_model(model_dir: Path, kind: str, dtype: torch.dtype) -> torch.nn.Modul
             # last_hidden_state only rather than a randomly initialised pooler.
             model, info = model_class.from_pretrained(str(model_dir), add_pooling_layer=False, **kwargs)
             missing = list(info.get("missing_keys") or [])
-    except (OSError, ValueError, RuntimeError) as error:
-        first = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise CheckpointError(f"transformers cannot load {model_dir}: {first}") from error
+    except Exception as error:  # transformers raises many types for configs and weights it cannot use
+        mismatch = _shape_mismatch(model_dir, model_class)
+        raise CheckpointError(f"transformers cannot load {model_dir}: {mismatch or _first_line(error)}") from error
     if missing:
         raise CheckpointError(f"{model_dir} lacks weights {', '.join(sorted(missing)[:3])}"
                               + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
                               + ": exporting would write randomly initialised tensors")
+    unexpected = list(info.get("unexpected_keys") or [])
+    if unexpected:
+        logger.warning("%s has %d tensors that the model does not use and the graph leaves out, such as %s",
+                       model_dir, len(unexpected), ", ".join(sorted(unexpected)[:3]))
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"weight {name} in {model_dir} contains NaN or infinite values; "
+                                  "fix the checkpoint before exporting it")
     return model.eval()
+
+
+def _shape_mismatch(model_dir: Path, model_class) -> str | None:
+    """Name the first checkpoint tensor whose shape differs from what the config builds, if any."""
+    try:
+        config = read_config(model_dir)
+        with torch.device("meta"):
+            model = model_class.from_config(config)
+        expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        checkpoint = open_checkpoint(model_dir, role="model")
+        checkpoint.close()
+    except Exception:  # only an aid for the message; the original error is reported either way
+        return None
+    for name, info in checkpoint.tensors.items():
+        # Base-model classes (AutoModel) drop the task model's prefix, such as "bert.".
+        key = name if name in expected else name.partition(".")[2]
+        if key in expected and tuple(info.shape) != expected[key]:
+            return (f"tensor {name} has shape {list(info.shape)} in the checkpoint but {list(expected[key])} "
+                    "in the model that config.json describes")
+    return None
+
+
+def json_safe(value):
+    """Return `value` with NaN and infinite floats as strings, which strict JSON parsers accept."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: json_safe(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [json_safe(item) for item in value]
+    return value
 
 
 def unique_weight_bytes(model: torch.nn.Module) -> int:
@@ -232,14 +285,15 @@ def _use_external_data(choice: str, weight_bytes: int) -> bool:
 def trace(spec: GraphSpec, opset: int, optimize: bool, model_type: str):
     """Run torch.onnx's dynamo exporter on the spec's wrapper; turn its failures into InputError."""
     captured = io.StringIO()
-    # The exporter and onnxscript log warnings and tracebacks (a failed opset conversion among them) that
-    # foldkit reports itself; they stay at debug level.
-    quiet_loggers = {name: logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")}
+    # The exporter, torch.export and onnxscript log warnings, tracebacks and whole FX graphs (a failed
+    # opset conversion, an untraceable model) that foldkit reports itself in one line.
+    quiet_loggers = {name: logging.getLogger(name) for name in ("torch", "onnxscript", "onnx_ir")}
     levels = {name: quiet.level for name, quiet in quiet_loggers.items()}
     for quiet in quiet_loggers.values():
         quiet.setLevel(logging.CRITICAL if not logger.isEnabledFor(logging.DEBUG) else logging.DEBUG)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), torch.no_grad():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured), \
+                torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(spec.module, spec.example, dynamic_shapes=spec.dynamic_shapes,
                                      input_names=spec.input_names, output_names=spec.output_names,
@@ -272,7 +326,10 @@ def _conversion_error(program, opset: int) -> str:
         except onnx.defs.SchemaError:
             absent.add(node.op_type)
             continue
-        since = onnx.defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
+        try:
+            since = onnx.defs.get_schema(node.op_type, DEFAULT_OPSET).since_version
+        except onnx.defs.SchemaError:  # an operator newer than opset 18, such as Attention-23
+            continue
         if since > opset:
             newer[node.op_type] = since
     hint = f"choose --opset {DEFAULT_OPSET} or newer"
@@ -283,7 +340,8 @@ def _conversion_error(program, opset: int) -> str:
         listed = ", ".join(f"{name}-{since}" for name, since in latest)
         more = f" and {len(newer) - len(latest)} more" if len(newer) > len(latest) else ""
         return f"onnx's version converter cannot rewrite operators newer than opset {opset} ({listed}{more}); {hint}"
-    return f"torch.onnx could not convert its opset {DEFAULT_OPSET} graph; {hint}"
+    return (f"torch.onnx wrote opset {program.model.opset_imports.get('')} because its converter cannot produce "
+            f"opset {opset} for this graph; choose --opset {DEFAULT_OPSET} (the default)")
 
 
 def _exporter_summary(error: Exception) -> str:
@@ -296,7 +354,8 @@ def _exporter_summary(error: Exception) -> str:
 
 
 def save_graph(program, path: Path, external: bool) -> None:
-    """Save the graph; with `external`, every weight goes to one PATH.data file beside it."""
+    """Save the graph. With `external`, every weight over 256 bytes (onnx_ir's threshold) goes to one
+    PATH.data file beside it, and smaller ones (norm weights of tiny models, rotary frequencies) stay inline."""
     try:
         program.save(str(path), external_data=external)
     except OSError:

@@ -36,7 +36,12 @@ def graph_kind(config, cache: bool) -> str:
     """Return the graph kind for `config`, or raise naming the model type and what is supported."""
     model_type = getattr(config, "model_type", None)
     architectures = ", ".join(getattr(config, "architectures", None) or []) or "no architectures listed"
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers < 1:
+        raise UnsupportedModelError(f"cannot export {model_type} ({architectures}) with num_hidden_layers={layers}")
     if model_type in DECODERS:
+        # transformers' DynamicCache keeps only the last sliding_window keys whenever the config sets one,
+        # even for families whose attention ignores it (a Llama config with sliding_window: 16).
         window = getattr(config, "sliding_window", None)
         if window is not None and getattr(config, "use_sliding_window", True):
             raise UnsupportedModelError(

@@ -70,24 +70,29 @@ class Case:
     continues: bool = False  # feed the previous case's cache as the past
 
 
-def _cases(kind: str, long: int) -> list[Case]:
+def _cases(kind: str, limit: int) -> list[Case]:
+    """The shapes to check, shortened for models with fewer than 128 positions."""
+    long = max(2, min(128, limit))
+    medium = max(2, min(32, limit - 5))  # leaves room for the 1 + 4 tokens that continue it
+    short = min(8, medium)
+    padding = max(1, medium // 4)
     if kind == KIND_ENCODER:
-        return [Case("batch 1, 8 tokens", 1, 8),
-                Case("batch 2, 32 tokens, left-padded", 2, 32, left_padding=(7, 0)),
-                Case("batch 2, 32 tokens, right-padded", 2, 32, right_padding=(0, 9)),
+        return [Case(f"batch 1, {short} tokens", 1, short),
+                Case(f"batch 2, {medium} tokens, left-padded", 2, medium, left_padding=(padding, 0)),
+                Case(f"batch 2, {medium} tokens, right-padded", 2, medium, right_padding=(0, padding + 2)),
                 Case(f"batch 2, {long} tokens", 2, long)]
-    cases = [Case("batch 1, 8 tokens", 1, 8),
+    cases = [Case(f"batch 1, {short} tokens", 1, short),
              Case(f"batch 1, {long} tokens", 1, long),
-             Case("batch 2, 32 tokens, left-padded", 2, 32, left_padding=(7, 0))]
+             Case(f"batch 2, {medium} tokens, left-padded", 2, medium, left_padding=(padding, 0))]
     if kind == KIND_LOGITS:
-        return cases + [Case(f"batch 2, {long} tokens, left-padded", 2, long, left_padding=(0, 11))]
-    return cases + [Case("batch 2, 1 token after 32 past, left-padded", 2, 1, continues=True),
-                    Case("batch 2, 4 tokens after 33 past, left-padded", 2, 4, continues=True)]
+        return cases + [Case(f"batch 2, {long} tokens, left-padded", 2, long, left_padding=(0, max(1, long // 10)))]
+    return cases + [Case(f"batch 2, 1 token after {medium} past, left-padded", 2, 1, continues=True),
+                    Case(f"batch 2, 4 tokens after {medium + 1} past, left-padded", 2, 4, continues=True)]
 
 
-def _long_length(config) -> int:
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
-    return max(16, min(128, limit - 16))
+def _position_limit(config) -> int:
+    """How many positions the model can embed (4096 when the config does not say)."""
+    return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
 
 
 def _compare(check: GraphCheck, tolerance: Tolerance, case: str, output: str, got: np.ndarray,
@@ -161,7 +166,7 @@ def check_graph(session, model: torch.nn.Module, kind: str, tolerance: Tolerance
     names = {node.name for node in session.get_inputs()}
     outputs = [node.name for node in session.get_outputs()]
     previous_mask, previous_cache = None, None
-    for case in _cases(kind, _long_length(model.config)):
+    for case in _cases(kind, _position_limit(model.config)):
         input_ids = torch.randint(0, vocab, (case.batch, case.tokens), generator=generator)
         mask = _mask(case, previous_mask if case.continues else None)
         logger.debug("checking %s", case.name)
@@ -232,17 +237,20 @@ def _dynamic_cache(tensors: list[torch.Tensor], model) -> DynamicCache:
 
 def _check_greedy(session, model, cache: CacheShape, generator: torch.Generator) -> dict:
     """Generate greedily from a left-padded batch in both runtimes; the tokens must be equal."""
-    input_ids = torch.randint(0, model.config.vocab_size, (2, GREEDY_PROMPT), generator=generator)
+    limit = _position_limit(model.config)
+    prompt = max(2, min(GREEDY_PROMPT, limit - GREEDY_NEW_TOKENS))
+    new_tokens = max(1, min(GREEDY_NEW_TOKENS, limit - prompt))
+    input_ids = torch.randint(0, model.config.vocab_size, (2, prompt), generator=generator)
     mask = torch.ones_like(input_ids)
-    mask[0, :4] = 0
+    mask[0, :prompt // 3] = 0
     eos, pad = generation_ids(model)
-    reference = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=GREEDY_NEW_TOKENS,
+    reference = model.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=new_tokens,
                                do_sample=False, num_beams=1, eos_token_id=eos, pad_token_id=pad)
-    reference = reference[:, GREEDY_PROMPT:].numpy()
-    got = greedy_generate(session, input_ids.numpy(), mask.numpy(), GREEDY_NEW_TOKENS, eos, pad, cache)
+    reference = reference[:, prompt:].numpy()
+    got = greedy_generate(session, input_ids.numpy(), mask.numpy(), new_tokens, eos, pad, cache)
     # generate stops early when every row has ended; the ONNX loop then has only padding left.
     got = got[:, :reference.shape[1]]
-    return {"prompt_shape": list(input_ids.shape), "new_tokens": GREEDY_NEW_TOKENS,
+    return {"prompt_shape": list(input_ids.shape), "new_tokens": new_tokens,
             "pytorch": reference.tolist(), "onnxruntime": got.tolist(), "equal": bool(np.array_equal(got, reference))}
 
 

@@ -50,6 +50,8 @@ def check_output_path(out: Path, force: bool, inputs: list[Path]) -> None:
         source = source.resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
             raise OutputError(f"output directory {out} overlaps input directory {source}; choose another OUT")
+    if out.is_symlink() and not out.exists():
+        raise OutputError(f"output path {out} is a symbolic link to a missing path; remove it or choose another OUT")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:

@@ -273,3 +273,126 @@ def test_cuda_fallback_only_in_auto(tmp_path, monkeypatch):
     assert "instead" in warnings[0]
     with pytest.raises(foldkit.errors.InputError, match="--provider cpu"):
         open_session(tmp_path / "model.onnx", "CUDAExecutionProvider", fallback=False)
+
+
+# --- Found by a hostile test: odd configs and weights ---------------------------------------------
+
+
+def edited_copy(base, directory: Path, config_changes: dict | None = None, tensor_change=None) -> Path:
+    """Copy the tiny Llama to `directory` with config.json keys changed and/or one tensor edited."""
+    import json
+    import shutil
+
+    shutil.copytree(base.directory, directory)
+    if config_changes:
+        config = json.loads((directory / "config.json").read_text())
+        config.update(config_changes)
+        (directory / "config.json").write_text(json.dumps(config))
+    if tensor_change:
+        tensors = load_file(str(directory / "model.safetensors"))
+        tensor_change(tensors)
+        save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    return directory
+
+
+@pytest.mark.parametrize("changes, needle", [
+    ({"num_attention_heads": 3}, "config.json"),
+    ({"num_hidden_layers": "two"}, "config.json"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers=0"),
+    ({"hidden_act": "no_such_activation"}, "cannot load"),
+])
+def test_invalid_config_values(tmp_path, base, changes, needle):
+    model_dir = edited_copy(base, tmp_path / "model", changes)
+    run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, needle, model=model_dir)
+
+
+def test_nan_weight_is_bad_input(tmp_path, base):
+    def poison(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+
+    model_dir = edited_copy(base, tmp_path / "model", tensor_change=poison)
+    run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "NaN", "up_proj", model=model_dir)
+
+
+def test_wrong_shape_is_named(tmp_path, base):
+    def widen(tensors):
+        tensors["model.layers.1.mlp.down_proj.weight"] = torch.zeros(32, 65)
+
+    model_dir = edited_copy(base, tmp_path / "model", tensor_change=widen)
+    run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "down_proj", "[32, 65]", "[32, 64]")
+
+
+def test_sliding_window_field_on_llama(tmp_path, base):
+    """transformers' cache truncates to the window even for Llama, so the graph would not match full attention."""
+    model_dir = edited_copy(base, tmp_path / "model", {"sliding_window": 16})
+    run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "sliding_window=16")
+
+
+@pytest.mark.parametrize("architecture, positions", [("gpt2", {"n_positions": 16}),
+                                                     ("bert", {"max_position_embeddings": 16}),
+                                                     ("opt", {"max_position_embeddings": 16})])
+def test_few_positions_shorten_the_cases(tmp_path, architecture, positions):
+    tiny = save_tiny_base(architecture, tmp_path / "base", 42, **positions)
+    report = export(tiny.directory, tmp_path / "out")
+    assert report.status == "PASSED"
+    assert max(int(diff["case"].split(", ")[1].split()[0]) for diff in report.verification["diffs"]) <= 16
+
+
+def test_newest_opsets_fail_cleanly(tmp_path, base):
+    import onnx as onnx_module
+
+    newest = onnx_module.defs.onnx_opset_version()
+    result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "out"), "--opset", str(newest)])
+    assert result.exit_code in (0, EXIT_FAILURE), result.output
+    assert "Traceback" not in result.output
+    if result.exit_code == EXIT_FAILURE:
+        assert "--opset 18" in result.stderr
+
+
+def test_failed_check_json_is_strict(tmp_path, base, monkeypatch):
+    import json
+
+    save = foldkit.onnx_export.save_graph
+
+    def save_then_break(program, path, external):
+        save(program, path, external)
+        scale_one_weight(path, float("inf"))
+
+    monkeypatch.setattr(foldkit.onnx_export, "save_graph", save_then_break)
+    result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "out"), "--json"])
+    assert result.exit_code == EXIT_MISMATCH
+
+    def reject(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    report = json.loads(result.stdout, parse_constant=reject)
+    assert report["status"] == "FAILED"
+    assert not (tmp_path / "out").exists()
+
+
+def test_dangling_symlink_out(tmp_path, base):
+    (tmp_path / "link").symlink_to(tmp_path / "nowhere")
+    run_export([str(base.directory), str(tmp_path / "link")], tmp_path, EXIT_FAILURE, "symbolic link")
+
+
+def test_merge_checks_provider_before_merging(tmp_path, base):
+    adapter = save_peft_adapter(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                                tmp_path / "adapter", seed=1)
+    result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(tmp_path / "out"),
+                                 "--format", "onnx", "--provider", "cuda"])
+    assert result.exit_code == EXIT_USAGE and "CUDAExecutionProvider" in result.stderr
+    assert "folding" not in result.stderr
+    result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(tmp_path / "out"),
+                                 "--format", "onnx", "--onnx-atol", "0.001", "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"atol": 0.001' in result.stdout
+
+
+def test_console_script_ignores_ctrl_c_at_exit():
+    import subprocess
+    import sys
+
+    code = ("import signal, sys\nfrom foldkit import cli\nsys.argv = ['foldkit', '--version']\n"
+            "try:\n    cli.run()\nexcept SystemExit:\n    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip().endswith("True")
