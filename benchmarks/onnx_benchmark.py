@@ -6,10 +6,11 @@ Steps, all in one run so that the ratios share the machine's load:
 1. Merge a seeded non-identity LoRA (q, k, v, o, gate, up, down; r=8) into SmolLM2-135M-Instruct (bfloat16).
 2. Time `foldkit export MERGED OUT --format onnx` as a whole command (load, trace, save, check in ONNX
    Runtime) and read the export and check seconds from its report; record the files' sizes.
-3. Load both runtimes in float32 with the same thread count, and time, interleaved, the median of
-   `--repeats` runs of: prefill at batch x sequence (1,128) and (4,128), with the cache outputs; and
-   greedy decode of 32 tokens after a 128-token prompt at batch 1 and 4, per token. PyTorch is called the
-   way the graph is: input_ids, attention_mask, position_ids and a DynamicCache, under no_grad.
+3. Load both runtimes in float32 with the same thread count. Time the median of `--repeats` runs,
+   interleaved with a 0.5 s pause before each, of: prefill at batch x sequence (1,128) and (4,128), with
+   the cache outputs; and greedy decode of 32 tokens after a 128-token prompt at batch 1 and 4, per
+   token. PyTorch is called the way the graph is: input_ids, attention_mask, position_ids and a
+   DynamicCache, under no_grad.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ PROMPT = 128
 DECODE_TOKENS = 32
 TARGET_RATIO = 0.8
 TARGET_EXPORT_SECONDS = 90
+SETTLE_SECONDS = 0.5  # pause before each timed run, see interleaved()
 
 
 def foldkit(*args: str) -> dict:
@@ -148,12 +150,18 @@ class Runtimes:
 
 
 def interleaved(first, second, repeats: int) -> tuple[float, float, object, object]:
-    """Median seconds of each callable over `repeats` alternating runs, after one warm-up run each."""
+    """Median seconds of each callable over `repeats` alternating runs, after one warm-up run each.
+
+    Each run starts after a pause: PyTorch's OpenMP threads and ONNX Runtime's thread pool spin for a
+    while after their work, and on 2 cores that spinning would slow whichever runtime runs next.
+    """
     first_result, second_result = first(), second()
     first_times, second_times = [], []
     for _ in range(repeats):
+        time.sleep(SETTLE_SECONDS)
         value = first()
         first_times.append(value[0] if isinstance(value, tuple) else value)
+        time.sleep(SETTLE_SECONDS)
         value = second()
         second_times.append(value[0] if isinstance(value, tuple) else value)
     return statistics.median(first_times), statistics.median(second_times), first_result, second_result

@@ -48,7 +48,7 @@ EXPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
 @dataclass
 class ExportOptions:
-    cache: bool = True  # decoders: past key/value inputs and present outputs; False: logits only
+    cache: bool = True  # decoders: past key/value inputs and present outputs (False: logits only)
     opset: int = DEFAULT_OPSET
     dtype: str = "float32"  # a key of EXPORT_DTYPES
     external_data: str = "auto"  # auto: only when the weights pass EXTERNAL_DATA_THRESHOLD
@@ -242,7 +242,7 @@ def _shape_mismatch(model_dir: Path, model_class) -> str | None:
         expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         checkpoint = open_checkpoint(model_dir, role="model")
         checkpoint.close()
-    except Exception:  # only an aid for the message; the original error is reported either way
+    except Exception:  # only an aid for the message, since the original error is reported either way
         return None
     for name, info in checkpoint.tensors.items():
         # Base-model classes (AutoModel) drop the task model's prefix, such as "bert.".
@@ -299,7 +299,7 @@ def trace(spec: GraphSpec, opset: int, optimize: bool, model_type: str):
                                      input_names=spec.input_names, output_names=spec.output_names,
                                      opset_version=opset, dynamo=True, optimize=optimize, verbose=False,
                                      report=False)
-    except Exception as error:  # the exporter raises many unrelated types; all mean "cannot export"
+    except Exception as error:  # the exporter raises many unrelated types, and all mean "cannot export"
         logger.debug("exporter output:\n%s", captured.getvalue())
         summary = _exporter_summary(error)
         raise UnsupportedModelError(

@@ -396,3 +396,34 @@ def test_console_script_ignores_ctrl_c_at_exit():
             "try:\n    cli.run()\nexcept SystemExit:\n    print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip().endswith("True")
+
+
+class NanPresentSession:
+    """Wrap a session so that one present tensor comes back as NaN and every other output is untouched."""
+
+    def __init__(self, session, broken: str):
+        self.session, self.broken = session, broken
+
+    def get_inputs(self):
+        return self.session.get_inputs()
+
+    def get_outputs(self):
+        return self.session.get_outputs()
+
+    def run(self, names, feeds):
+        results = self.session.run(names, feeds)
+        return [result * float("nan") if name == self.broken else result for name, result in zip(names, results)]
+
+
+def test_one_nan_present_fails_the_check(tmp_path, base):
+    export(base.directory, tmp_path / "onnx", ExportOptions(verify=False))
+    session = open_session(tmp_path / "onnx" / "model.onnx", "CPUExecutionProvider")
+    model = load_base(base)
+    from foldkit.onnx_graphs import cache_shape
+
+    check = check_graph(NanPresentSession(session, "present.1.value"), model, "decoder-with-cache",
+                        EXPORT_TOLERANCES[torch.float32], "CPUExecutionProvider", cache_shape(model))
+    assert not check.passed
+    rows = [diff for diff in check.diffs if diff.output.startswith("present")]
+    assert rows and all(not diff.passed for diff in rows)
+    assert "1 of 4 failed, first: present.1.value" in rows[0].output
