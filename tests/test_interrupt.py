@@ -35,3 +35,26 @@ def test_sigint_during_write_leaves_nothing(tmp_path):
     assert not out.exists()
     assert list(tmp_path.glob(".out.foldkit-*")) == []
     assert {path.name: path.stat().st_mtime_ns for path in base.iterdir()} == base_files
+
+
+def test_sigint_during_export_leaves_nothing(tmp_path):
+    """Ctrl-C once the staging directory exists: while the model loads or traces, before the graph is saved."""
+    from tiny_models import save_tiny_base
+
+    base = save_tiny_base("llama", tmp_path / "base", 51).directory
+    out = tmp_path / "out"
+    process = subprocess.Popen([sys.executable, "-m", "foldkit.cli", "export", str(base), str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".out.foldkit-*")) and time.monotonic() < deadline:
+        assert process.poll() is None, process.stderr.read()
+        time.sleep(0.01)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+
+    assert process.returncode == EXIT_INTERRUPTED, stderr
+    assert stderr.strip().splitlines()[-1].startswith("Error: interrupted")
+    assert "Traceback" not in stderr
+    assert not out.exists()
+    assert list(tmp_path.glob(".out.foldkit-*")) == []
