@@ -146,7 +146,7 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions, source
     report = ExportReport(__version__, source or str(model_dir), config.model_type, kind, options.opset, options.dtype,
                           spec.input_names, spec.output_names, external, weight_bytes=weight_bytes)
     logger.info("exporting %s (%s, %.0f MB of %s weights) to ONNX opset %d; tracing time grows with the layer "
-                "count (30-layer SmolLM2-135M: about 45 s on 2 cores)", model_dir, kind, weight_bytes / 1e6,
+                "count (30-layer SmolLM2-135M: about 45 s on 2 cores)", source or model_dir, kind, weight_bytes / 1e6,
                 options.dtype, options.opset)
     start = time.perf_counter()
     program = trace(spec, options.opset, options.optimize, config.model_type)
