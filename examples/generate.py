@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
                         help="Run transformers in this dtype (default: as stored). An ONNX graph runs in its own dtype.")
     args = parser.parse_args(argv)
+    if not args.prompt.strip():
+        parser.error("--prompt is empty; pass the text to continue")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if not (args.model_dir / "config.json").is_file():
@@ -85,7 +87,11 @@ def main(argv: list[str] | None = None) -> int:
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     if (args.model_dir / "model.onnx").is_file():
-        print(generate_onnx(args.model_dir, args.prompt, args.max_new_tokens))
+        try:
+            print(generate_onnx(args.model_dir, args.prompt, args.max_new_tokens))
+        except ValueError as error:  # a graph without a cache: an encoder, or a --no-cache export
+            print(f"Error: {args.model_dir / 'model.onnx'}: {error}", file=sys.stderr)
+            return 1
     else:
         print(generate(args.model_dir, args.prompt, args.max_new_tokens, args.dtype))
     return 0

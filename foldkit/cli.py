@@ -279,7 +279,7 @@ def _export_failure(error: VerificationError, as_json: bool) -> None:
 
         typer.echo(json.dumps(json_safe(report.to_dict()), indent=2))
     elif report is not None and getattr(report, "verification", None) and "diffs" in report.verification:
-        _print_export(report.to_dict(), None)
+        _print_export(getattr(report, "export", report).to_dict(), None)
     _fail(str(error), EXIT_MISMATCH)
 
 

@@ -39,7 +39,11 @@ def parse_formats(text: str) -> tuple[str, ...]:
 class MergeExportReport:
     merge: MergeReport
     export: ExportReport
-    onnx_directory: str
+    onnx_directory: str | None  # None: the ONNX check failed and nothing was written
+
+    @property
+    def verification(self) -> dict | None:
+        return self.export.verification
 
     def to_dict(self) -> dict:
         return {"merge": self.merge.to_dict(), "export": self.export.to_dict(), "onnx_directory": self.onnx_directory}
@@ -72,17 +76,21 @@ def merge_and_export(base: str | Path, adapter: str | Path, out: str | Path, for
                                     "it was not exported and nothing was written", merge_report)
         source = f"{base} merged with {adapter}"
         with staged_directory(out, merge_options.force) as staging:
-            if formats == ("onnx",):
-                # The graph, its config and tokenizer files, and the merge's report beside the export's.
-                export_report = export_into(merged, staging, export_options, source)
-                shutil.copyfile(merged / REPORT_FILE, staging / REPORT_FILE)
-                directory = out
-            else:
-                for entry in merged.iterdir():
-                    os.rename(entry, staging / entry.name)
-                (staging / ONNX_SUBDIRECTORY).mkdir()
-                export_report = export_into(staging, staging / ONNX_SUBDIRECTORY, export_options, source)
-                directory = out / ONNX_SUBDIRECTORY
+            try:
+                if formats == ("onnx",):
+                    # The graph, its config and tokenizer files, and the merge's report beside the export's.
+                    export_report = export_into(merged, staging, export_options, source)
+                    shutil.copyfile(merged / REPORT_FILE, staging / REPORT_FILE)
+                    directory = out
+                else:
+                    for entry in merged.iterdir():
+                        os.rename(entry, staging / entry.name)
+                    (staging / ONNX_SUBDIRECTORY).mkdir()
+                    export_report = export_into(staging, staging / ONNX_SUBDIRECTORY, export_options, source)
+                    directory = out / ONNX_SUBDIRECTORY
+            except VerificationError as error:
+                # Keep the merge's half of the report, so that --json has the same shape as on success.
+                raise VerificationError(str(error), MergeExportReport(merge_report, error.result, None)) from error
         return MergeExportReport(merge_report, export_report, str(directory))
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -132,6 +132,12 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions, source
         logger.warning("--no-cache applies to decoders only; %s is an encoder, whose graph has no cache anyway",
                        config.model_type)
     if options.verify:
+        from foldkit.onnx_verify import MIN_POSITIONS, position_limit
+
+        if position_limit(config) < MIN_POSITIONS:
+            raise UnsupportedModelError(
+                f"cannot check a model with only {position_limit(config)} positions: the check needs at least "
+                f"{MIN_POSITIONS}; export it with --no-verify")
         provider = choose_provider(options.provider)
     else:
         provider = None

@@ -18,7 +18,8 @@ def cache_shape_of(session) -> CacheShape:
     """Read the layer count, key/value heads and head size from a cache graph's past inputs."""
     past = [node for node in session.get_inputs() if node.name.startswith("past_key_values.")]
     if not past:
-        raise ValueError("this graph has no past_key_values inputs: export it without --no-cache to generate")
+        raise ValueError("this graph has no past_key_values inputs: greedy generation needs a decoder graph "
+                         "exported with its cache (foldkit export without --no-cache)")
     _, heads, _, head_dim = past[0].shape
     return CacheShape(layers=len(past) // 2, heads=heads, head_dim=head_dim)
 

@@ -17,11 +17,13 @@ from transformers import DynamicCache
 
 from foldkit.onnx_generate import greedy_generate
 from foldkit.onnx_graphs import KIND_CACHE, KIND_ENCODER, KIND_LOGITS, CacheShape
+from foldkit.errors import CheckpointError
 from foldkit.tolerances import NOISE_FACTOR, Tolerance
 
 logger = logging.getLogger(__name__)
 
 SEED = 0
+MIN_POSITIONS = 16  # the shortest cases need 11 positions plus a 5-token continuation
 GREEDY_PROMPT = 12
 GREEDY_NEW_TOKENS = 8
 
@@ -90,7 +92,7 @@ def _cases(kind: str, limit: int) -> list[Case]:
                     Case(f"batch 2, 4 tokens after {medium + 1} past, left-padded", 2, 4, continues=True)]
 
 
-def _position_limit(config) -> int:
+def position_limit(config) -> int:
     """How many positions the model can embed (4096 when the config does not say)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
 
@@ -99,6 +101,7 @@ def _compare(check: GraphCheck, tolerance: Tolerance, case: str, output: str, go
              reference: torch.Tensor, select: torch.Tensor | None = None,
              float32_reference: torch.Tensor | None = None) -> OutputDiff:
     """Append and return the diff of one output; `float32_reference` adds the measured rounding term."""
+    dtype = reference.dtype
     reference = reference.detach().float()
     got_tensor = torch.from_numpy(np.asarray(got)).float()
     if got_tensor.shape != reference.shape:
@@ -106,6 +109,10 @@ def _compare(check: GraphCheck, tolerance: Tolerance, case: str, output: str, go
         return check.diffs[-1]
     if select is not None:
         reference, got_tensor = reference[select], got_tensor[select]
+    if not torch.isfinite(reference).all():
+        raise CheckpointError(f"PyTorch's own {output} in {str(dtype).removeprefix('torch.')} is not finite on "
+                              f"{case}: the model overflows in this dtype (a weight near its limit?), so there is "
+                              "nothing to check the graph against")
     scale = reference.abs().max().item() if reference.numel() else 0.0
     diff = (got_tensor - reference).abs().max().item() if reference.numel() else 0.0
     sensitivity = 0.0
@@ -166,7 +173,7 @@ def check_graph(session, model: torch.nn.Module, kind: str, tolerance: Tolerance
     names = {node.name for node in session.get_inputs()}
     outputs = [node.name for node in session.get_outputs()]
     previous_mask, previous_cache = None, None
-    for case in _cases(kind, _position_limit(model.config)):
+    for case in _cases(kind, position_limit(model.config)):
         input_ids = torch.randint(0, vocab, (case.batch, case.tokens), generator=generator)
         mask = _mask(case, previous_mask if case.continues else None)
         logger.debug("checking %s", case.name)
@@ -243,7 +250,7 @@ def _dynamic_cache(tensors: list[torch.Tensor], model) -> DynamicCache:
 
 def _check_greedy(session, model, cache: CacheShape, generator: torch.Generator) -> dict:
     """Generate greedily from a left-padded batch in both runtimes; the tokens must be equal."""
-    limit = _position_limit(model.config)
+    limit = position_limit(model.config)
     prompt = max(2, min(GREEDY_PROMPT, limit - GREEDY_NEW_TOKENS))
     new_tokens = max(1, min(GREEDY_NEW_TOKENS, limit - prompt))
     input_ids = torch.randint(0, model.config.vocab_size, (2, prompt), generator=generator)

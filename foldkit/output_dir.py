@@ -6,7 +6,9 @@ import logging
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,8 +52,8 @@ def check_output_path(out: Path, force: bool, inputs: list[Path]) -> None:
         source = source.resolve()
         if resolved == source or source in resolved.parents or resolved in source.parents:
             raise OutputError(f"output directory {out} overlaps input directory {source}; choose another OUT")
-    if out.is_symlink() and not out.exists():
-        raise OutputError(f"output path {out} is a symbolic link to a missing path; remove it or choose another OUT")
+    if out.is_symlink():
+        raise OutputError(f"output path {out} is a symbolic link; pass the directory it points to, or another OUT")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output path {out} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not force:
@@ -84,15 +86,31 @@ def staged_directory(out: Path, force: bool) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def _sigint_held() -> Iterator[None]:
+    """Ignore SIGINT inside the block (main thread only; elsewhere Python delivers no signals anyway)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _replace(staging: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force and any(out.iterdir()):
             raise OutputError(f"output directory {out} was created by someone else during the merge")
         backup = out.with_name(f".{out.name}.foldkit-old")
         shutil.rmtree(backup, ignore_errors=True)
-        os.rename(out, backup)
-        os.rename(staging, out)
-        shutil.rmtree(backup, ignore_errors=True)
+        # Ctrl-C is held back from here on: between the renames it would leave OUT missing, and during the
+        # backup's removal it would report an interruption although the new OUT is already in place.
+        with _sigint_held():
+            os.rename(out, backup)
+            os.rename(staging, out)
+            shutil.rmtree(backup, ignore_errors=True)
     else:
         os.rename(staging, out)
     logger.debug("renamed %s to %s", staging, out)

@@ -427,3 +427,68 @@ def test_one_nan_present_fails_the_check(tmp_path, base):
     rows = [diff for diff in check.diffs if diff.output.startswith("present")]
     assert rows and all(not diff.passed for diff in rows)
     assert "1 of 4 failed, first: present.1.value" in rows[0].output
+
+
+# --- Found by a second hostile test ---------------------------------------------------------------
+
+
+def test_symlink_out_is_rejected(tmp_path, base):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    run_export([str(base.directory), str(tmp_path / "link")], tmp_path, EXIT_FAILURE, "symbolic link")
+    assert not any((tmp_path / "real").iterdir())
+
+
+def test_too_few_positions_to_check(tmp_path):
+    tiny = save_tiny_base("gpt2", tmp_path / "base", 43, n_positions=4)
+    run_export([str(tiny.directory), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "4 positions", "--no-verify")
+    result = runner.invoke(app, ["export", str(tiny.directory), str(tmp_path / "unchecked"), "--no-verify"])
+    assert result.exit_code == 0, result.output
+
+
+def test_overflowing_weight_is_bad_input(tmp_path, base):
+    def huge(tensors):
+        tensors["model.layers.0.mlp.up_proj.weight"][3] = 3e38
+
+    model_dir = edited_copy(base, tmp_path / "model", tensor_change=huge)
+    run_export([str(model_dir), str(tmp_path / "out")], tmp_path, EXIT_FAILURE, "not finite", model=model_dir)
+
+
+def test_merge_json_keeps_its_shape_on_mismatch(tmp_path, base):
+    import json
+
+    adapter = save_peft_adapter(base, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False),
+                                tmp_path / "adapter", seed=1)
+    result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(tmp_path / "out"), "--format", "onnx",
+                                 "--onnx-atol", "0", "--onnx-rtol", "0", "--json"])
+    assert result.exit_code == EXIT_MISMATCH, result.output
+    report = json.loads(result.stdout)
+    assert report["merge"]["status"] == "PASSED"
+    assert report["export"]["status"] == "FAILED"
+    assert report["onnx_directory"] is None
+    assert not (tmp_path / "out").exists()
+
+
+def test_replace_holds_back_ctrl_c():
+    import signal
+
+    from foldkit.output_dir import _sigint_held
+
+    before = signal.getsignal(signal.SIGINT)
+    with _sigint_held():
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    assert signal.getsignal(signal.SIGINT) == before
+
+
+def test_generate_example_rejects_graph_without_cache(tmp_path):
+    import subprocess
+    import sys
+
+    tiny = save_tiny_base("llama", tmp_path / "base", 44, with_tokenizer=True)
+    export(tiny.directory, tmp_path / "onnx", ExportOptions(cache=False, verify=False))
+    script = Path(__file__).resolve().parents[1] / "examples" / "generate.py"
+    done = subprocess.run([sys.executable, str(script), str(tmp_path / "onnx"), "--prompt", "the fox"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith("Error: ") and "past_key_values" in done.stderr
+    assert "Traceback" not in done.stderr
