@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 from enum import Enum
@@ -486,6 +487,15 @@ def run() -> None:
     """
     try:
         app()
+    except SystemExit as done:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if done.code == EXIT_INTERRUPTED:
+            # CPython kills itself with SIGINT at exit (status -2, not 130) when a KeyboardInterrupt passed
+            # through code it ran from C, even one that foldkit handled (seen once in CI during export).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        raise
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
