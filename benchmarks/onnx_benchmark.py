@@ -5,7 +5,7 @@ Usage: python benchmarks/onnx_benchmark.py [--results benchmarks/onnx_results.js
 Steps, all in one run so that the ratios share the machine's load:
 1. Merge a seeded non-identity LoRA (q, k, v, o, gate, up, down; r=8) into SmolLM2-135M-Instruct (bfloat16).
 2. Time `foldkit export MERGED OUT --format onnx` as a whole command (load, trace, save, check in ONNX
-   Runtime) and read the export and check seconds from its report; record the files' sizes.
+   Runtime). Read the export and check seconds and the files' sizes from its report.
 3. Load both runtimes in float32 with the same thread count. Time the median of `--repeats` runs,
    interleaved with a 0.5 s pause before each, of: prefill at batch x sequence (1,128) and (4,128), with
    the cache outputs; and greedy decode of 32 tokens after a 128-token prompt at batch 1 and 4, per
@@ -56,7 +56,7 @@ def foldkit(*args: str) -> dict:
 
 
 def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo, or the machine type where that file is missing."""
+    """Return the CPU's model name from /proc/cpuinfo, or the machine type where that file is missing."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

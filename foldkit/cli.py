@@ -93,9 +93,6 @@ ProviderOption = Annotated[Provider, typer.Option(
 class _StderrHandler(logging.StreamHandler):
     """A handler that writes to whatever sys.stderr is when a record is logged, not when it was created."""
 
-    def __init__(self):
-        super().__init__()
-
     @property
     def stream(self):
         return sys.stderr
@@ -216,18 +213,12 @@ def merge(
 
     formats = _run(lambda: parse_formats(output_format))
     if "onnx" in formats:
-        from foldkit.onnx_export import DEFAULT_OPSET, ExportOptions
-
-        export_options = ExportOptions(cache=not no_cache, opset=DEFAULT_OPSET if opset is None else opset,
-                                       dtype=onnx_dtype.value, external_data=external_data.value,
-                                       verify=not no_verify, provider=provider.value, atol=onnx_atol,
-                                       rtol=onnx_rtol)
+        export_options = _export_options(no_cache, opset, onnx_dtype, external_data, provider, not no_verify,
+                                         onnx_atol, onnx_rtol)
         result = _run(lambda: merge_and_export(base, adapter, out, formats, options, export_options),
                       on_mismatch=lambda error: _export_failure(error, as_json))
         if as_json:
-            from foldkit.onnx_export import json_safe
-
-            typer.echo(json.dumps(json_safe(result.to_dict()), indent=2))
+            _echo_json(result.to_dict())
             return
         typer.echo(f"merged {len(result.merge.folded)} {result.merge.peft_type} modules")
         _print_verification(result.merge.verification)
@@ -247,6 +238,23 @@ def merge(
         typer.echo("Error: the merged model's outputs differ from the reference beyond tolerance; "
                    f"the output is kept in {out} and its report says FAILED", err=True)
         raise typer.Exit(EXIT_MISMATCH)
+
+
+def _export_options(no_cache: bool, opset: int | None, dtype: "ExportDType", external_data: "ExternalData",
+                    provider: "Provider", verify: bool, atol: float | None, rtol: float | None, force: bool = False):
+    """Build ExportOptions from the ONNX options that export and merge --format onnx share."""
+    from foldkit.onnx_export import DEFAULT_OPSET, ExportOptions
+
+    return ExportOptions(cache=not no_cache, opset=DEFAULT_OPSET if opset is None else opset, dtype=dtype.value,
+                         external_data=external_data.value, verify=verify, provider=provider.value, atol=atol,
+                         rtol=rtol, force=force)
+
+
+def _echo_json(result: dict) -> None:
+    """Print `result` as strict JSON on stdout (a NaN difference becomes the string "nan")."""
+    from foldkit.report import json_safe
+
+    typer.echo(json.dumps(json_safe(result), indent=2))
 
 
 def _print_export(report: dict, directory: Path | None) -> None:
@@ -276,9 +284,7 @@ def _print_export(report: dict, directory: Path | None) -> None:
 def _export_failure(error: VerificationError, as_json: bool) -> None:
     report = error.result
     if as_json and report is not None and hasattr(report, "to_dict"):
-        from foldkit.onnx_export import json_safe
-
-        typer.echo(json.dumps(json_safe(report.to_dict()), indent=2))
+        _echo_json(report.to_dict())
     elif report is not None and getattr(report, "verification", None) and "diffs" in report.verification:
         _print_export(getattr(report, "export", report).to_dict(), None)
     _fail(str(error), EXIT_MISMATCH)
@@ -309,16 +315,12 @@ def export(
     _setup_logging(quiet, verbose)
     if output_format.strip().lower() != "onnx":
         _fail(f"invalid --format {output_format!r} for export; only onnx is supported", EXIT_USAGE)
-    from foldkit.onnx_export import DEFAULT_OPSET, ExportOptions, export as run_export
+    from foldkit.onnx_export import export as run_export
 
-    options = ExportOptions(cache=not no_cache, opset=DEFAULT_OPSET if opset is None else opset,
-                            dtype=onnx_dtype.value, external_data=external_data.value, verify=not no_verify,
-                            provider=provider.value, atol=atol, rtol=rtol, force=force)
+    options = _export_options(no_cache, opset, onnx_dtype, external_data, provider, not no_verify, atol, rtol, force)
     report = _run(lambda: run_export(model, out, options), on_mismatch=lambda error: _export_failure(error, as_json))
     if as_json:
-        from foldkit.onnx_export import json_safe
-
-        typer.echo(json.dumps(json_safe(report.to_dict()), indent=2))
+        _echo_json(report.to_dict())
     else:
         _print_export(report.to_dict(), out)
 

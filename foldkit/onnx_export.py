@@ -1,9 +1,12 @@
 """`foldkit export`: trace a Hugging Face model directory into an ONNX graph, check it in ONNX Runtime, write OUT.
 
-Stages: check the inputs and options, load the model in PyTorch (safetensors only, no remote code), trace
-it with torch.onnx's dynamo exporter, save the graph (weights as external data in one file when they
-pass the 2 GB protobuf limit), check the graph in ONNX Runtime against PyTorch, then rename the staging
-directory to OUT. A mismatch beyond tolerance raises VerificationError and leaves no OUT behind.
+Stages:
+1. Check the inputs and options.
+2. Load the model in PyTorch (safetensors only, no remote code).
+3. Trace it with torch.onnx's dynamo exporter.
+4. Save the graph, with the weights as external data in one file when they pass the 2 GB protobuf limit.
+5. Check the graph in ONNX Runtime against PyTorch, then rename the staging directory to OUT.
+A mismatch beyond tolerance raises VerificationError and leaves no OUT behind.
 
 The whole model is loaded into memory to be traced: export is not streaming, unlike merge.
 """
@@ -14,7 +17,6 @@ import contextlib
 import io
 import json
 import logging
-import math
 import os
 import time
 import warnings
@@ -29,6 +31,7 @@ from foldkit.errors import CheckpointError, InputError, UsageError, Verification
 from foldkit.onnx_graphs import KIND_ENCODER, GraphSpec, UnsupportedModelError, graph_kind, graph_spec
 from foldkit.onnx_runtime import PROVIDER_CHOICES, choose_provider, open_session
 from foldkit.output_dir import check_output_path, copy_side_files, staged_directory
+from foldkit.report import json_safe
 from foldkit.tolerances import EXPORT_TOLERANCES, export_tolerance_for
 
 logger = logging.getLogger(__name__)
@@ -65,7 +68,7 @@ class ExportOptions:
 
 @dataclass
 class ExportReport:
-    """What `foldkit export` wrote and checked, saved as foldkit_export.json beside the graph."""
+    """Record of the files `foldkit export` wrote and the checks it ran, saved as foldkit_export.json."""
 
     foldkit_version: str
     model: str
@@ -122,8 +125,10 @@ def export(model_dir: str | Path, out: str | Path, options: ExportOptions | None
 
 
 def export_into(model_dir: Path, directory: Path, options: ExportOptions, source: str | None = None) -> ExportReport:
-    """Export MODEL_DIR into the existing empty `directory` (no staging, no rename)."""
-    check_export_options(options)
+    """Export MODEL_DIR into the existing empty `directory` (no staging, no rename).
+
+    The caller has checked `options` with check_export_options, as export() and merge_and_export() do.
+    """
     checkpoint = open_checkpoint(model_dir, role="model")
     checkpoint.close()
     config = read_config(model_dir)
@@ -134,10 +139,10 @@ def export_into(model_dir: Path, directory: Path, options: ExportOptions, source
     if options.verify:
         from foldkit.onnx_verify import MIN_POSITIONS, position_limit
 
-        if position_limit(config) < MIN_POSITIONS:
-            raise UnsupportedModelError(
-                f"cannot check a model with only {position_limit(config)} positions: the check needs at least "
-                f"{MIN_POSITIONS}; export it with --no-verify")
+        positions = position_limit(config)
+        if positions < MIN_POSITIONS:
+            raise UnsupportedModelError(f"cannot check a model with only {positions} positions: the check needs at "
+                                        f"least {MIN_POSITIONS}, so export it with --no-verify")
         provider = choose_provider(options.provider)
     else:
         provider = None
@@ -202,7 +207,8 @@ def read_config(model_dir: Path):
                                     f"{_first_line(error)}") from error
 
 
-def _first_line(error: Exception) -> str:
+def _first_line(error: BaseException) -> str:
+    """Return the error's type and the first non-empty line of its message."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
@@ -259,17 +265,6 @@ def _shape_mismatch(model_dir: Path, model_class) -> str | None:
     return None
 
 
-def json_safe(value):
-    """Return `value` with NaN and infinite floats as strings, which strict JSON parsers accept."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {key: json_safe(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [json_safe(item) for item in value]
-    return value
-
-
 def unique_weight_bytes(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers, counting tied (shared) tensors once."""
     seen, total = set(), 0
@@ -320,7 +315,7 @@ def trace(spec: GraphSpec, opset: int, optimize: bool, model_type: str):
 
 
 def _conversion_error(program, opset: int) -> str:
-    """Why the graph is not at `opset`: torch.onnx only logs its converter's failure."""
+    """Explain why the graph is not at `opset`, because torch.onnx only logs its converter's failure."""
     import onnx
 
     absent, newer = set(), {}
@@ -347,16 +342,15 @@ def _conversion_error(program, opset: int) -> str:
         more = f" and {len(newer) - len(latest)} more" if len(newer) > len(latest) else ""
         return f"onnx's version converter cannot rewrite operators newer than opset {opset} ({listed}{more}); {hint}"
     return (f"torch.onnx wrote opset {program.model.opset_imports.get('')} because its converter cannot produce "
-            f"opset {opset} for this graph; choose --opset {DEFAULT_OPSET} (the default)")
+            f"opset {opset} for this graph; choose --opset {DEFAULT_OPSET} (the default) or another opset it can write")
 
 
 def _exporter_summary(error: Exception) -> str:
-    """The most specific line of an exporter error (it wraps the cause in long reports)."""
+    """Return the first line of the innermost cause, because the exporter wraps it in long reports."""
     cause = error
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[0] if lines else 'no message'}"[:400]
+    return _first_line(cause)[:400]
 
 
 def save_graph(program, path: Path, external: bool) -> None:

@@ -29,8 +29,8 @@ def greedy_generate(session, input_ids: np.ndarray, attention_mask: np.ndarray, 
                     cache: CacheShape | None = None) -> np.ndarray:
     """Return batch x max_new_tokens generated ids (pad after a row's end token).
 
-    `session` is an onnxruntime.InferenceSession of a decoder graph with a cache; `cache` defaults to
-    what the graph's inputs say.
+    `session` is an onnxruntime.InferenceSession of a decoder graph with a cache. `cache` defaults to the
+    shape that the graph's past_key_values inputs declare.
     """
     cache = cache or cache_shape_of(session)
     batch = input_ids.shape[0]

@@ -1,8 +1,8 @@
 """The modules foldkit traces into ONNX graphs: their inputs, outputs and dynamic axes, per model family.
 
-A decoder graph takes `input_ids`, `attention_mask` (batch x past+sequence), `position_ids` and, in the
-cache variant, `past_key_values.N.key` / `.value` for every layer; it returns `logits` and
-`present.N.key` / `.value`. An encoder graph takes `input_ids`, `attention_mask` (and `token_type_ids`
+A decoder graph takes `input_ids`, `attention_mask` (batch x past+sequence) and `position_ids`. In the
+cache variant it also takes `past_key_values.N.key` / `.value` for every layer and returns
+`present.N.key` / `.value` beside `logits`. An encoder graph takes `input_ids`, `attention_mask` (and `token_type_ids`
 where the model has them) and returns `last_hidden_state` (and `pooler_output`).
 
 The decoder wrappers build the 4D additive attention mask themselves (causal and padding, offset by the
@@ -62,7 +62,7 @@ def graph_kind(config, cache: bool) -> str:
 def additive_causal_mask(attention_mask: torch.Tensor, sequence: int, dtype: torch.dtype) -> torch.Tensor:
     """Return the batch x 1 x sequence x total mask: 0 where a query may attend to a key, dtype's min elsewhere.
 
-    Query i sits at absolute position past + i, where past = total - sequence; it sees key j when
+    Query i is at absolute position past + i, where past = total - sequence. It may attend to key j when
     j <= past + i and attention_mask[b, j] is 1. A padding query sees no key: its row is all min, which
     softmax turns into uniform weights, so its outputs are finite and never compared.
     """
@@ -136,7 +136,7 @@ class CacheShape:
 
 @dataclass
 class GraphSpec:
-    """What to trace and how: the wrapper, example inputs, names and dynamic axes."""
+    """Tracing recipe: the wrapper module, its example inputs, input and output names, and dynamic axes."""
 
     kind: str
     module: torch.nn.Module
@@ -168,6 +168,7 @@ def graph_spec(model: torch.nn.Module, kind: str) -> GraphSpec:
     total = torch.export.Dim("total_sequence")
     example_batch, example_sequence, example_past = 2, 3, 4
     input_ids = torch.ones(example_batch, example_sequence, dtype=torch.long)
+
     if kind == KIND_ENCODER:
         config = model.config
         names = ["input_ids", "attention_mask"]
@@ -180,12 +181,14 @@ def graph_spec(model: torch.nn.Module, kind: str) -> GraphSpec:
         shapes = {name: {0: batch, 1: sequence} for name in names}
         return GraphSpec(kind, EncoderOutputs(model, pooled), tuple(example), names,
                          ["last_hidden_state", "pooler_output"] if pooled else ["last_hidden_state"], shapes)
+
     names = ["input_ids", "attention_mask", "position_ids"]
     if kind == KIND_LOGITS:
         example = (input_ids, torch.ones_like(input_ids), torch.arange(example_sequence).expand(example_batch, -1))
         shapes = {"input_ids": {0: batch, 1: sequence}, "attention_mask": {0: batch, 1: sequence},
                   "position_ids": {0: batch, 1: sequence}}
         return GraphSpec(kind, DecoderLogits(model), example, names, ["logits"], shapes)
+
     shape = cache_shape(model)
     past_length = torch.export.Dim("past_sequence")
     dtype = model.get_input_embeddings().weight.dtype

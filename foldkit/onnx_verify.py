@@ -73,7 +73,7 @@ class Case:
 
 
 def _cases(kind: str, limit: int) -> list[Case]:
-    """The shapes to check, shortened for models with fewer than 128 positions."""
+    """Return the shapes to check, shortened for models with fewer than 128 positions."""
     long = max(2, min(128, limit))
     medium = max(2, min(32, limit - 5))  # leaves room for the 1 + 4 tokens that continue it
     short = min(8, medium)
@@ -93,7 +93,7 @@ def _cases(kind: str, limit: int) -> list[Case]:
 
 
 def position_limit(config) -> int:
-    """How many positions the model can embed (4096 when the config does not say)."""
+    """Return how many positions the model can embed (4096 when the config has no such field)."""
     return getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 4096
 
 

@@ -150,7 +150,8 @@ def test_runtime_problems_are_explained(tmp_path, base, monkeypatch):
     # Without the check, export needs no runtime at all.
     result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "unchecked"), "--no-verify"])
     assert result.exit_code == 0, result.output
-    assert "NOT VERIFIED" in result.stdout and (tmp_path / "unchecked" / "model.onnx").is_file()
+    assert "NOT VERIFIED" in result.stdout
+    assert (tmp_path / "unchecked" / "model.onnx").is_file()
 
 
 # --- A graph that computes something else must be caught ----------------------------------------
@@ -190,7 +191,8 @@ def test_cli_broken_graph_exits_3(tmp_path, base, monkeypatch):
                        "nothing was written", model=base.directory)
     assert "logits" in error
     result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "out"), "--json"])
-    assert result.exit_code == EXIT_MISMATCH and '"passed": false' in result.stdout
+    assert result.exit_code == EXIT_MISMATCH
+    assert '"passed": false' in result.stdout
 
 
 def test_check_catches_padding_ignored(tmp_path, base, monkeypatch):
@@ -224,7 +226,8 @@ def test_merge_format_errors_leave_nothing(tmp_path, base):
     ]:
         result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(tmp_path / "out"), *args])
         assert result.exit_code == code, result.output
-        assert needle in result.stderr and "Traceback" not in result.output
+        assert needle in result.stderr
+        assert "Traceback" not in result.output
         assert set(tmp_path.iterdir()) == entries
     assert (digest(base.directory), digest(adapter)) == inputs
 
@@ -236,7 +239,8 @@ def test_merge_onnx_rejects_family_first(tmp_path):
     (tmp_path / "adapter").mkdir()
     result = runner.invoke(app, ["merge", str(tmp_path / "neox"), str(tmp_path / "adapter"), str(tmp_path / "out"),
                                  "--format", "onnx"])
-    assert result.exit_code == EXIT_FAILURE and "gpt_neox" in result.stderr
+    assert result.exit_code == EXIT_FAILURE
+    assert "gpt_neox" in result.stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == ["adapter", "neox"]
     assert not os.listdir(tmp_path / "adapter")
 
@@ -380,7 +384,8 @@ def test_merge_checks_provider_before_merging(tmp_path, base):
                                 tmp_path / "adapter", seed=1)
     result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(tmp_path / "out"),
                                  "--format", "onnx", "--provider", "cuda"])
-    assert result.exit_code == EXIT_USAGE and "CUDAExecutionProvider" in result.stderr
+    assert result.exit_code == EXIT_USAGE
+    assert "CUDAExecutionProvider" in result.stderr
     assert "folding" not in result.stderr
     result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(tmp_path / "out"),
                                  "--format", "onnx", "--onnx-atol", "0.001", "--json"])
@@ -425,7 +430,8 @@ def test_one_nan_present_fails_the_check(tmp_path, base):
                         EXPORT_TOLERANCES[torch.float32], "CPUExecutionProvider", cache_shape(model))
     assert not check.passed
     rows = [diff for diff in check.diffs if diff.output.startswith("present")]
-    assert rows and all(not diff.passed for diff in rows)
+    assert rows
+    assert all(not diff.passed for diff in rows)
     assert "1 of 4 failed, first: present.1.value" in rows[0].output
 
 
@@ -490,5 +496,6 @@ def test_generate_example_rejects_graph_without_cache(tmp_path):
     done = subprocess.run([sys.executable, str(script), str(tmp_path / "onnx"), "--prompt", "the fox"],
                           capture_output=True, text=True)
     assert done.returncode == 1
-    assert done.stderr.startswith("Error: ") and "past_key_values" in done.stderr
+    assert done.stderr.startswith("Error: ")
+    assert "past_key_values" in done.stderr
     assert "Traceback" not in done.stderr

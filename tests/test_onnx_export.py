@@ -89,18 +89,23 @@ DECODERS = ["llama", "gemma", "gpt2", "opt", "mistral", "qwen2"]
 @pytest.mark.parametrize("architecture", DECODERS)
 def test_cache_graph_matches_pytorch(exported, architecture):
     base, out, report = exported(architecture)
-    assert report.status == "PASSED" and report.verification["greedy"]["equal"]
+    assert report.status == "PASSED"
+    assert report.verification["greedy"]["equal"]
     cases = {diff["case"] for diff in report.verification["diffs"]}
-    assert any("left-padded" in case for case in cases) and any("past" in case for case in cases)
-    assert any(case.startswith("batch 1") for case in cases) and any(case.startswith("batch 2") for case in cases)
+    assert any("left-padded" in case for case in cases)
+    assert any("past" in case for case in cases)
+    assert any(case.startswith("batch 1") for case in cases)
+    assert any(case.startswith("batch 2") for case in cases)
 
     graph = onnx.load(str(out / "model.onnx"))
     inputs = {value.name: [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim] for value in graph.graph.input}
     layers = base.model_class.config_class.from_pretrained(str(base.directory)).num_hidden_layers
     assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert len(inputs) == 3 + 2 * layers and "past_key_values.1.value" in inputs
+    assert len(inputs) == 3 + 2 * layers
+    assert "past_key_values.1.value" in inputs
     assert inputs["input_ids"] == ["batch", "sequence"]
-    assert inputs["past_key_values.0.key"][0] == "batch" and inputs["past_key_values.0.key"][2] == "past_sequence"
+    assert inputs["past_key_values.0.key"][0] == "batch"
+    assert inputs["past_key_values.0.key"][2] == "past_sequence"
     assert [value.name for value in graph.graph.output][:2] == ["logits", "present.0.key"]
     assert graph.opset_import[0].version == 18
 
@@ -126,7 +131,7 @@ def test_cache_graph_matches_pytorch(exported, architecture):
                                   eos_token_id=None, pad_token_id=1)[:, 9:]
     tokens = greedy_generate(sess, prompt.numpy(), prompt_mask.numpy(), 12, None, 1, cache)
     assert tokens.tolist() == expected.tolist(), eos
-    # The cache shape defaults to what the graph's inputs say.
+    # Without a cache shape, greedy_generate reads it from the graph's inputs.
     assert greedy_generate(sess, prompt.numpy(), prompt_mask.numpy(), 12, None, 1).tolist() == expected.tolist()
     assert np.isfinite(base_logits).all()
 
@@ -141,7 +146,9 @@ def test_cache_input_shape(exported):
 def test_no_cache_graph_returns_logits_only(tmp_path, architecture):
     base = save_base(architecture, tmp_path / "base")
     report = export(base.directory, tmp_path / "onnx", ExportOptions(cache=False))
-    assert report.status == "PASSED" and report.kind == "decoder-logits" and report.verification["greedy"] is None
+    assert report.status == "PASSED"
+    assert report.kind == "decoder-logits"
+    assert report.verification["greedy"] is None
     sess = session(tmp_path / "onnx")
     assert [node.name for node in sess.get_inputs()] == ["input_ids", "attention_mask", "position_ids"]
     assert [node.name for node in sess.get_outputs()] == ["logits"]
@@ -156,7 +163,8 @@ def test_no_cache_graph_returns_logits_only(tmp_path, architecture):
 
 def test_encoder_graph_outputs(exported):
     base, out, report = exported("bert")
-    assert report.status == "PASSED" and report.kind == "encoder"
+    assert report.status == "PASSED"
+    assert report.kind == "encoder"
     sess = session(out)
     assert [node.name for node in sess.get_inputs()] == ["input_ids", "attention_mask", "token_type_ids"]
     assert [node.name for node in sess.get_outputs()] == ["last_hidden_state", "pooler_output"]
@@ -175,7 +183,8 @@ def test_encoder_without_pooler(tmp_path):
                                      num_attention_heads=4, max_position_embeddings=64)
     transformers.BertForMaskedLM(config).save_pretrained(tmp_path / "base")
     report = export(tmp_path / "base", tmp_path / "onnx")
-    assert report.outputs == ["last_hidden_state"] and report.status == "PASSED"
+    assert report.outputs == ["last_hidden_state"]
+    assert report.status == "PASSED"
 
 
 def test_tied_embeddings_are_stored_once(exported):
@@ -194,7 +203,8 @@ def test_tied_embeddings_are_stored_once(exported):
 def test_external_data_one_file(tmp_path):
     base = save_base("llama", tmp_path / "base")
     report = export(base.directory, tmp_path / "onnx", ExportOptions(external_data="always"))
-    assert report.external_data and report.status == "PASSED"
+    assert report.external_data
+    assert report.status == "PASSED"
     files = sorted(path.name for path in (tmp_path / "onnx").iterdir())
     assert [name for name in files if "onnx" in name] == ["model.onnx", "model.onnx.data"]
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False)
@@ -208,15 +218,19 @@ def test_external_data_size_threshold(tmp_path, monkeypatch):
     base = save_base("opt", tmp_path / "base")
     monkeypatch.setattr(foldkit.onnx_export, "EXTERNAL_DATA_THRESHOLD", 1000)
     report = export(base.directory, tmp_path / "onnx")
-    assert report.external_data and (tmp_path / "onnx" / "model.onnx.data").is_file()
+    assert report.external_data
+    assert (tmp_path / "onnx" / "model.onnx.data").is_file()
     result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "never"), "--external-data", "never"])
-    assert result.exit_code == 2 and "2 GiB" in result.output and not (tmp_path / "never").exists()
+    assert result.exit_code == 2
+    assert "2 GiB" in result.output
+    assert not (tmp_path / "never").exists()
 
 
 def test_float16_export_verifies(tmp_path):
     base = save_base("llama", tmp_path / "base")
     report = export(base.directory, tmp_path / "onnx", ExportOptions(dtype="float16"))
-    assert report.status == "PASSED" and report.verification["atol"] == EXPORT_TOLERANCES[torch.float16].atol
+    assert report.status == "PASSED"
+    assert report.verification["atol"] == EXPORT_TOLERANCES[torch.float16].atol
     # Each row's allowance includes how far PyTorch's float16 result is from float32.
     assert all(diff["rounding_sensitivity"] > 0 for diff in report.verification["diffs"])
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"))
@@ -227,10 +241,13 @@ def test_cli_export_output(tmp_path):
     base = save_base("gpt2", tmp_path / "base")
     result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "onnx"), "--format", "onnx"])
     assert result.exit_code == 0, result.output
-    assert "PASSED" in result.output and "left-padded" in result.output and "greedy generation" in result.output
+    assert "PASSED" in result.output
+    assert "left-padded" in result.output
+    assert "greedy generation" in result.output
     result = runner.invoke(app, ["export", str(base.directory), str(tmp_path / "onnx2"), "--json", "-q", "--no-cache"])
     report = json.loads(result.stdout)
-    assert report["status"] == "PASSED" and report["kind"] == "decoder-logits"
+    assert report["status"] == "PASSED"
+    assert report["kind"] == "decoder-logits"
     assert json.loads((tmp_path / "onnx2" / "foldkit_export.json").read_text())["status"] == "PASSED"
 
 
@@ -252,9 +269,11 @@ def test_merge_onnx_matches_peft(tmp_path, llama_with_lora):
     result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(out), "--format", "onnx", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["merge"]["status"] == "PASSED" and report["export"]["status"] == "PASSED"
+    assert report["merge"]["status"] == "PASSED"
+    assert report["export"]["status"] == "PASSED"
     assert "model.onnx" in report["export"]["files"]
-    assert not list(out.glob("*.safetensors")) and (out / "tokenizer.json").is_file()
+    assert not list(out.glob("*.safetensors"))
+    assert (out / "tokenizer.json").is_file()
     assert json.loads((out / "foldkit_report.json").read_text())["status"] == "PASSED"
     assert report["export"]["model"] == f"{base.directory} merged with {adapter}"
     assert [path.name for path in tmp_path.iterdir()] == ["out"]  # no temporary merge directory left
@@ -279,8 +298,10 @@ def test_merge_writes_both_formats(tmp_path, llama_with_lora):
     out = tmp_path / "out"
     result = runner.invoke(app, ["merge", str(base.directory), str(adapter), str(out), "--format", "safetensors,onnx"])
     assert result.exit_code == 0, result.output
-    assert (out / "model.safetensors").is_file() and (out / "foldkit_report.json").is_file()
-    assert (out / "onnx" / "model.onnx").is_file() and (out / "onnx" / "config.json").is_file()
+    assert (out / "model.safetensors").is_file()
+    assert (out / "foldkit_report.json").is_file()
+    assert (out / "onnx" / "model.onnx").is_file()
+    assert (out / "onnx" / "config.json").is_file()
     merged = transformers.LlamaForCausalLM.from_pretrained(str(out)).eval()
     input_ids, mask = left_padded(1, 7, [0], seed=10)
     sess = session(out / "onnx")

@@ -41,9 +41,10 @@ def test_smollm2_onnx_greedy_tokens(tmp_path):
 
     out = tmp_path / "out"
     result = merge_and_export(base, tmp_path / "adapter", out, ("safetensors", "onnx"), MergeOptions(), ExportOptions())
-    assert result.merge.status == "PASSED" and result.export.status == "PASSED"
+    assert result.merge.status == "PASSED"
+    assert result.export.status == "PASSED"
     assert result.export.verification["greedy"]["equal"]
-    # SmolLM2 ties lm_head to the embedding: the weights file holds it once (134.5M float32 parameters).
+    # SmolLM2 ties lm_head to the embedding, so the weights file contains it once (134.5M float32 parameters).
     assert result.export.files["model.onnx.data" if result.export.external_data else "model.onnx"] < 600e6
 
     tokenizer = AutoTokenizer.from_pretrained(str(out))
@@ -74,9 +75,11 @@ def test_smollm2_onnx_greedy_tokens(tmp_path):
 def test_minilm_onnx_embeddings(tmp_path):
     directory = minilm_directory()
     report = export(directory, tmp_path / "onnx")
-    assert report.status == "PASSED" and report.kind == "encoder"
+    assert report.status == "PASSED"
+    assert report.kind == "encoder"
     assert report.outputs == ["last_hidden_state", "pooler_output"]
-    assert (tmp_path / "onnx" / "1_Pooling").is_dir() and (tmp_path / "onnx" / "vocab.txt").is_file()
+    assert (tmp_path / "onnx" / "1_Pooling").is_dir()
+    assert (tmp_path / "onnx" / "vocab.txt").is_file()
     assert "1_Pooling/config.json" in report.files
 
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path / "onnx"))
